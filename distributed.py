@@ -1,0 +1,66 @@
+"""torch.distributed helpers that behave the same under torchrun and as a plain `python x.py`.
+
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (also across nodes);
+without them we run as a single process and every collective below is a no-op.
+Backend: NCCL on CUDA, gloo on CPU.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init():
+    """Join the process group if launched by torchrun; return the device this rank uses."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+        else:
+            dist.init_process_group("gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(x):
+    """Average a tensor over ranks (returns a new tensor; identity on one process)."""
+    if not dist.is_initialized():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def all_gather_cat(x):
+    """Concatenate equally shaped tensors of all ranks along dim 0, in rank order."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def shutdown():
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Time-dependent layer normalisation (paper Sec. 3.3, "TD-LN").
+
+DiMR feeds the diffusion time into the network *only* through its normalisation layers: every
+gain and bias is a time-dependent parameter, an interpolation between two learned vectors,
+
+    paper (Eq. 5):  s = sigmoid(w t + b),   gamma(t) = s p1 + (1 - s) p2
+    release form:   gamma(t) = p1 + sigmoid((1 + w) t~ + b) (p0 - p1)
+
+which is the same family (the release's p0/p1 are the paper's p1/p2, its w is offset by one).
+We use the release form so that the authors' checkpoints load unchanged. Compared with
+adaLN-Zero (DiT), which spends a (D x 6D) matrix per block on the time embedding, a TD parameter
+costs 4 vectors of width D.
+
+The time t~ is the DDPM step n (0..1000) mapped to [-1, 1]; the release computes it as
+((n / 1000) * 8 - 4) / 4 and calls the intermediate value "log_snr" although it is only a
+rescaled step. Every function here takes t~ per sample, shape (B,), so a batch may mix steps.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusion import NUM_TIMESTEPS
+
+RMS_EPS = 1e-8  # added to rms(x), not inside the square root (as in the release)
+LN_EPS = 1e-5
+
+
+def time_input(t):
+    """DDPM step n, float (B,) on the 0..1000 scale -> t~ in [-1, 1], (B,)."""
+    return (t / NUM_TIMESTEPS * 8 - 4) / 4
+
+
+class TimeDependentParameter(nn.Module):
+    """A vector of width `dim` whose value depends on t~: p1 + sigmoid((1 + w) t~ + b) (p0 - p1).
+
+    p0 = p1 = `init` at initialisation, so the value starts constant in time; w and b start at 0
+    and are excluded from weight decay (like every 1-d parameter, see train.param_groups).
+    """
+
+    def __init__(self, dim, init):
+        super().__init__()
+        self.p0 = nn.Parameter(torch.full((dim,), float(init)))
+        self.p1 = nn.Parameter(torch.full((dim,), float(init)))
+        self.w = nn.Parameter(torch.zeros(dim))
+        self.b = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, t):                                            # t~: (B,)
+        s = torch.sigmoid((1 + self.w) * t[:, None] + self.b)         # (B, dim)
+        return self.p1 + s * (self.p0 - self.p1)                      # (B, dim)
+
+
+def _per_sample(v, x):
+    """(B, D) -> (B, 1, ..., 1, D), broadcastable against channels-last x of any rank."""
+    return v.view(v.shape[0], *([1] * (x.dim() - 2)), v.shape[1])
+
+
+class TDRMSNorm(nn.Module):
+    """TD-RMSNorm, the blocks' pre-norm: x / (rms(x) + eps) * gamma(t), rms over the last dim."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = TimeDependentParameter(dim, 1.0)
+
+    def forward(self, x, t):                                          # x: (B, ..., D), t~: (B,)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32 under autocast
+        rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
+        return (xf / (rms + RMS_EPS)).type_as(x) * _per_sample(self.gamma(t), x).type_as(x)
+
+
+class TDLayerNorm(nn.Module):
+    """TD-LayerNorm, used by the output heads and the feature cascade: LN(x) gamma(t) + beta(t)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = TimeDependentParameter(dim, 1.0)
+        self.beta = TimeDependentParameter(dim, 0.0)
+
+    def forward(self, x, t):                                          # x: (B, ..., D), t~: (B,)
+        x = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+        return x * _per_sample(self.gamma(t), x) + _per_sample(self.beta(t), x)

@@ -1,0 +1,413 @@
+"""Tests for diffusion.py, each against a closed form or a hand-written reference.
+
+The schedule is recomputed here in numpy from its definition (betas, alpha_bar, log alpha
+piecewise linear in t = n / 1000), independently of diffusion.py. The sampler tests use Gaussian
+data x0 ~ N(mu, diag(s^2)), for which the optimal noise predictor and the exact solution of the
+probability-flow ODE are known in closed form.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffusion
+
+# -- the schedule from its definition (numpy, float64) ---------------------------------------------
+BETAS = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+ALPHA_BAR = np.cumprod(1.0 - BETAS)  # alpha_bar_n at index n - 1
+T_GRID = np.arange(1, 1001) / 1000.0  # t_n = n / 1000
+LOG_ALPHA = 0.5 * np.log(ALPHA_BAR)
+
+
+def alpha(t):
+    return np.exp(np.interp(t, T_GRID, LOG_ALPHA))
+
+
+def sigma(t):
+    return np.sqrt(1.0 - alpha(t) ** 2)
+
+
+def lam(t):
+    return np.log(alpha(t) / sigma(t))
+
+
+def t_of_lambda(lmb):
+    """Invert lambda_t: log alpha = -log(1 + e^{-2 lambda}) / 2, then read t off the table."""
+    log_alpha = -0.5 * np.log1p(np.exp(-2.0 * np.asarray(lmb)))
+    return np.interp(log_alpha, LOG_ALPHA[::-1], T_GRID[::-1])
+
+
+# -- Gaussian data ---------------------------------------------------------------------------------
+S = np.array([0.5, 2.0] * 4)  # per-dimension data standard deviation
+MU = np.array([0.3, -0.7, 1.1, 0.0, -0.2, 0.9, -1.3, 0.5])
+
+
+def optimal_eps_fn(mu, s):
+    """Optimal noise predictor sigma_t (x - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2), t = n / 1000."""
+    def eps_fn(x, n):
+        t = n.numpy() / 1000.0
+        a, sg = alpha(t)[:, None], sigma(t)[:, None]
+        return torch.from_numpy(sg * (x.numpy() - a * mu) / (a ** 2 * s ** 2 + sg ** 2))
+    return eps_fn
+
+
+gaussian_eps = optimal_eps_fn(MU, S)
+
+
+def x_T_samples(batch=64, seed=0, mu=MU, s=S):
+    """Samples of x at t = 1: N(alpha_1 mu, alpha_1^2 s^2 + sigma_1^2)."""
+    rng = np.random.default_rng(seed)
+    a, sg = alpha(1.0), sigma(1.0)
+    return torch.from_numpy(a * mu + np.sqrt(a ** 2 * s ** 2 + sg ** 2) * rng.standard_normal((batch, len(s))))
+
+
+def exact_solution(x_T):
+    """The PF-ODE keeps z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2): map t = 1 -> 1/1000."""
+    def scale(t):
+        return np.sqrt(alpha(t) ** 2 * S ** 2 + sigma(t) ** 2)
+    z = (x_T.numpy() - alpha(1.0) * MU) / scale(1.0)
+    return alpha(0.001) * MU + z * scale(0.001)
+
+
+def solver_error(steps, x_T=None, **solver):
+    x_T = x_T_samples() if x_T is None else x_T
+    x = diffusion.dpm_solver_sample(gaussian_eps, x_T, steps, **solver)
+    return float(np.sqrt(np.mean((x.numpy() - exact_solution(x_T)) ** 2)))
+
+
+# -- schedule ----------------------------------------------------------------------------------------
+
+def test_constants_and_tables():
+    assert (diffusion.NUM_TIMESTEPS, diffusion.BETA_START, diffusion.BETA_END) == (1000, 0.00085, 0.012)
+    ns = diffusion.DiscreteSchedule()
+    assert ns.betas.dtype == ns.alphas_cumprod.dtype == torch.float64
+    np.testing.assert_allclose(ns.betas.numpy(), BETAS, rtol=1e-12)
+    np.testing.assert_allclose(ns.alphas_cumprod.numpy(), ALPHA_BAR, rtol=1e-12)
+    # alpha_bar_n = prod_{i <= n} (1 - beta_i), written out for n = 3
+    b = [(0.00085 ** 0.5 + i * (0.012 ** 0.5 - 0.00085 ** 0.5) / 999) ** 2 for i in range(3)]
+    assert float(ns.alphas_cumprod[2]) == pytest.approx((1 - b[0]) * (1 - b[1]) * (1 - b[2]), rel=1e-12)
+
+
+def test_q_sample():
+    ns = diffusion.DiscreteSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    n = torch.tensor([1, 500, 1000])
+    expected = np.sqrt(ALPHA_BAR[n - 1])[:, None, None, None] * x0.numpy() \
+        + np.sqrt(1 - ALPHA_BAR[n - 1])[:, None, None, None] * eps.numpy()
+    np.testing.assert_allclose(ns.q_sample(x0, n, eps).numpy(), expected, rtol=1e-5, atol=1e-6)
+    for bad in (torch.tensor([0, 1, 2]), torch.tensor([1, 2, 1001])):
+        with pytest.raises(ValueError, match="1..1000"):
+            ns.q_sample(x0, bad, eps)
+
+
+def test_sample_steps_uniform_in_1_to_1000():
+    n = diffusion.DiscreteSchedule().sample_steps(200_000, "cpu", torch.Generator().manual_seed(0))
+    assert n.dtype == torch.int64 and int(n.min()) == 1 and int(n.max()) == 1000
+    # uniform on 1..1000: mean 500.5, standard deviation 288.7, standard error 0.65
+    assert abs(n.double().mean().item() - 500.5) < 3.0
+
+
+def test_continuous_time_view():
+    ns = diffusion.DiscreteSchedule()
+    n = np.array([1, 2, 37, 500, 999, 1000])
+    np.testing.assert_allclose(ns.alpha_t(torch.from_numpy(n / 1000)).numpy(), np.sqrt(ALPHA_BAR[n - 1]), rtol=1e-12)
+    # halfway between t_n and t_{n+1}, log alpha is the mean of the two ends
+    mid = (n[:-1] + 0.5) / 1000
+    expected = np.exp(0.5 * (LOG_ALPHA[n[:-1] - 1] + LOG_ALPHA[n[:-1]]))
+    np.testing.assert_allclose(ns.alpha_t(torch.from_numpy(mid)).numpy(), expected, rtol=1e-12)
+    t = np.random.default_rng(0).uniform(0.001, 1.0, 100)
+    tt = torch.from_numpy(t)
+    np.testing.assert_allclose(ns.sigma_t(tt).numpy(), sigma(t), rtol=1e-10)
+    np.testing.assert_allclose(ns.lambda_t(tt).numpy(), lam(t), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ns.inverse_lambda(torch.from_numpy(lam(t))).numpy(), t, rtol=1e-9)
+
+
+# -- multi-scale loss ---------------------------------------------------------------------------------
+
+def test_multiscale_targets_keep_unit_variance():
+    eps = torch.randn(64, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = diffusion.multiscale_targets(eps, [8, 16, 32])
+    assert [tuple(y.shape) for y in targets] == [(64, 4, 8, 8), (64, 4, 16, 16), (64, 4, 32, 32)]
+    for y in targets:  # at least 16384 values each: standard error of the variance < 0.011
+        assert abs(y.var().item() - 1.0) < 0.05
+    # sum-pool over 4 x 4, divided by 4
+    assert targets[0][1, 2, 3, 5].item() == pytest.approx(eps[1, 2, 12:16, 20:24].sum().item() / 4, rel=1e-5)
+    assert torch.equal(targets[2], eps)
+    with pytest.raises(ValueError, match="does not divide"):
+        diffusion.multiscale_targets(eps, [12])
+
+
+def test_multiscale_loss_by_hand():
+    eps = torch.arange(16, dtype=torch.float64).reshape(1, 1, 4, 4) / 10  # [[0, .1, .2, .3], ...]
+    low = torch.tensor([[[[0.1, -0.2], [0.3, 0.4]]]], dtype=torch.float64)
+    full = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
+    # low-resolution target: each 2 x 2 block summed, divided by 2
+    e = eps[0, 0].tolist()
+    blocks = [[(e[2 * i][2 * j] + e[2 * i][2 * j + 1] + e[2 * i + 1][2 * j] + e[2 * i + 1][2 * j + 1]) / 2
+               for j in range(2)] for i in range(2)]
+    p = low[0, 0].tolist()
+    term_low = sum((p[i][j] - blocks[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
+    term_full = sum((0.5 - e[i][j]) ** 2 for i in range(4) for j in range(4)) / 16
+    total, terms = diffusion.multiscale_loss([low, full], eps)
+    assert [t.item() for t in terms] == pytest.approx([term_low, term_full], rel=1e-12)
+    assert total.item() == pytest.approx(term_low / 4 + term_full, rel=1e-12)
+    total, _ = diffusion.multiscale_loss([low, full], eps, weights=[2.0, 3.0])
+    assert total.item() == pytest.approx(2 * term_low + 3 * term_full, rel=1e-12)
+    with pytest.raises(ValueError, match="weights"):
+        diffusion.multiscale_loss([low, full], eps, weights=[1.0])
+
+
+def test_loss_weights_are_the_papers():
+    assert diffusion.loss_weights(1) == [1.0]
+    assert diffusion.loss_weights(2) == [0.25, 1.0]
+    assert diffusion.loss_weights(3) == [1 / 16, 0.25, 1.0]
+
+
+# -- classifier-free guidance --------------------------------------------------------------------------
+
+class ToyModel:
+    """Per-branch outputs [low, full]; full = x * (y + 1) + n / 1000; records the batch sizes."""
+    NULL = 10
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, n, y):
+        self.batches.append(x.shape[0])
+        full = x * (y + 1.0).view(-1, 1, 1, 1) + (n / 1000).view(-1, 1, 1, 1)
+        return [full[..., ::2, ::2], full]
+
+
+def toy_inputs():
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x, torch.tensor([2, 0, 7])
+
+
+def test_guidance_scale_zero_is_conditional_with_one_forward():
+    model, (x, y) = ToyModel(), toy_inputs()
+    n = torch.tensor([1000.0, 500.0, 3.0], dtype=torch.float64)
+    out = diffusion.guided_eps_fn(model, y, 0.0, ToyModel.NULL)(x, n)
+    torch.testing.assert_close(out, x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1)
+                               + (n / 1000).view(-1, 1, 1, 1))
+    assert model.batches == [3]
+
+
+def test_guidance_release_convention():
+    model, (x, y) = ToyModel(), toy_inputs()
+    n = torch.tensor([1000.0, 500.0, 3.0], dtype=torch.float64)
+    out = diffusion.guided_eps_fn(model, y, 0.4, ToyModel.NULL)(x, n)
+    eps_c = x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1) + (n / 1000).view(-1, 1, 1, 1)
+    eps_u = x * 11.0 + (n / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, eps_c + 0.4 * (eps_c - eps_u))
+    torch.testing.assert_close(out, eps_u + 1.4 * (eps_c - eps_u))  # the usual w = 1 + s
+    assert model.batches == [6]  # one batched forward for both halves
+
+
+def test_power_cosine_schedule_endpoints():
+    model, (x, y) = ToyModel(), toy_inputs()
+    eps_c = x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    eps_u = x * 11.0
+    fn = diffusion.guided_eps_fn(model, y, 2.0, ToyModel.NULL, decay_power=1.0)
+    # n = 1000: w = 1 (conditional only); n = 0: w = 1 + s = 3; n = 500, pow 1: w = 1 + s/2 = 2
+    n = torch.tensor([1000.0, 0.0, 500.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64).view(-1, 1, 1, 1)
+    torch.testing.assert_close(fn(x, n), eps_u + w * (eps_c - eps_u) + (n / 1000).view(-1, 1, 1, 1))
+    # pow 2 at n = 500: w = 1 + 2 (1 - cos(pi / 4)) / 2
+    fn = diffusion.guided_eps_fn(model, y, 2.0, ToyModel.NULL, decay_power=2.0)
+    n = torch.full((3,), 500.0, dtype=torch.float64)
+    w = 1 + (1 - math.cos(math.pi / 4))
+    torch.testing.assert_close(fn(x, n), eps_u + w * (eps_c - eps_u) + 0.5)
+
+
+def test_guidance_rejects_bad_settings():
+    with pytest.raises(ValueError, match="scale"):
+        diffusion.guided_eps_fn(ToyModel(), toy_inputs()[1], -1.0, ToyModel.NULL)
+    with pytest.raises(ValueError, match="decay_power"):
+        diffusion.guided_eps_fn(ToyModel(), toy_inputs()[1], 1.0, ToyModel.NULL, decay_power=0.0)
+
+
+# -- DPM-Solver -----------------------------------------------------------------------------------------
+
+def grid(skip, num):
+    """The step boundaries from their definitions, t = 1 -> 1/1000."""
+    if skip == "time_uniform":
+        return np.linspace(1.0, 0.001, num + 1)
+    if skip == "time_quadratic":
+        return np.linspace(1.0, 0.001 ** 0.5, num + 1) ** 2
+    return t_of_lambda(np.linspace(lam(1.0), lam(0.001), num + 1))
+
+
+@pytest.mark.parametrize("method", ["multistep", "singlestep"])
+@pytest.mark.parametrize("skip", ["time_uniform", "time_quadratic", "logSNR"])
+def test_order_one_is_ddim_step_by_step(method, skip):
+    """DDIM: x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i with x0_i = (x_i - sigma_i eps_i) / alpha_i."""
+    def eps_fn(x, n):  # any smooth nonlinear predictor
+        return torch.tanh(x) * (n / 1000).view(-1, 1) + 0.1 * x
+
+    seen = []
+
+    def recording_eps_fn(x, n):
+        seen.append((x.clone(), n.clone()))
+        return eps_fn(x, n)
+
+    x_T = x_T_samples(batch=4)
+    out = diffusion.dpm_solver_sample(recording_eps_fn, x_T, 7, order=1, method=method, skip=skip)
+    ts, x = grid(skip, 7), x_T
+    assert len(seen) == 7
+    for i in range(7):
+        np.testing.assert_allclose(seen[i][1].numpy(), 1000 * ts[i], rtol=1e-10)
+        torch.testing.assert_close(seen[i][0], x, rtol=1e-10, atol=1e-12)
+        eps = eps_fn(x, torch.full((4,), 1000 * ts[i], dtype=torch.float64))
+        x0 = (x - sigma(ts[i]) * eps) / alpha(ts[i])
+        x = alpha(ts[i + 1]) * x0 + sigma(ts[i + 1]) * eps
+    torch.testing.assert_close(out, x, rtol=1e-10, atol=1e-12)
+
+
+def release_reference(eps_fn, x, steps):
+    """The release's sampler from the DPM-Solver papers: DPM-Solver-fast, data prediction,
+    K = steps // 3 + 1 time-uniform segments, orders as below, intermediate points at logSNR
+    fractions r1 = 1/3, r2 = 2/3 (order 3) and 1/2 (order 2)."""
+    K = steps // 3 + 1
+    orders = {0: [3] * (K - 2) + [2, 1], 1: [3] * (K - 1) + [1], 2: [3] * (K - 1) + [2]}[steps % 3]
+    ts = np.linspace(1.0, 0.001, len(orders) + 1)
+
+    def x0_of(x, t):
+        return (x - sigma(t) * eps_fn(x, torch.full((x.shape[0],), 1000 * t, dtype=torch.float64))) / alpha(t)
+
+    def ddim(x, s, t, x0):  # (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0
+        return sigma(t) / sigma(s) * x - alpha(t) * np.expm1(lam(s) - lam(t)) * x0
+
+    for s, t, k in zip(ts[:-1], ts[1:], orders):
+        h = lam(t) - lam(s)
+        m0 = x0_of(x, s)
+        if k == 1:
+            x = ddim(x, s, t, m0)
+        elif k == 2:  # DPM-Solver++(2S), r = 1/2: x_t = ddim(..., (1 - 1/(2r)) m0 + 1/(2r) m1)
+            s1 = t_of_lambda(lam(s) + h / 2)
+            m1 = x0_of(ddim(x, s, s1, m0), s1)
+            x = ddim(x, s, t, m1)
+        else:  # DPM-Solver-3 in data prediction form
+            s1, s2 = t_of_lambda(lam(s) + h / 3), t_of_lambda(lam(s) + 2 * h / 3)
+            m1 = x0_of(ddim(x, s, s1, m0), s1)
+            h2 = 2 * h / 3
+            phi2_s2 = np.expm1(-h2) / h2 + 1
+            x_s2 = ddim(x, s, s2, m0) + alpha(s2) * phi2_s2 * 2 * (m1 - m0)
+            m2 = x0_of(x_s2, s2)
+            phi2 = np.expm1(-h) / h + 1
+            x = ddim(x, s, t, m0) + alpha(t) * phi2 * 1.5 * (m2 - m0)
+    return x
+
+
+@pytest.mark.parametrize("steps", [9, 10, 11])
+def test_release_sampler_matches_reference(steps):
+    def eps_fn(x, n):
+        return torch.sin(x) * (n / 1000).view(-1, 1) + 0.2 * x
+
+    x_T = x_T_samples(batch=4)
+    out = diffusion.dpm_solver_sample(eps_fn, x_T, steps, **diffusion.RELEASE_SAMPLER)
+    torch.testing.assert_close(out, release_reference(eps_fn, x_T, steps), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["multistep", "singlestep"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_convergence_order_on_gaussian(method, order):
+    """Errors against the exact PF-ODE solution fall like h^order (logSNR-uniform steps): the error
+    ratio when doubling the evaluations is about 2^order. Singlestep order 3 takes 3K - 1
+    evaluations, i.e. segments [3] * (K - 1) + [2], so that the K segments double."""
+    steps = [47, 95, 191] if (method, order) == ("singlestep", 3) else [32, 64, 128]
+    errors = [solver_error(n, order=order, method=method, skip="logSNR") for n in steps]
+    assert errors[0] > errors[1] > errors[2]
+    observed = math.log2(errors[1] / errors[2])
+    assert abs(observed - order) < 0.3, (errors, observed)
+
+
+def test_solver_approaches_exact_solution():
+    errors = [solver_error(n) for n in (10, 20, 50, 100)]
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 1e-4
+
+
+def test_default_beats_release_sampler():
+    """The accuracy bar: at 10, 20, 50 evaluations the default is at least as accurate as the
+    release's sampler, and with 10 evaluations as accurate as the release's with 50."""
+    release = {n: solver_error(n, **diffusion.RELEASE_SAMPLER) for n in (10, 20, 50)}
+    default = {n: solver_error(n) for n in (10, 20, 50)}
+    for n in (10, 20, 50):
+        assert default[n] <= release[n], (n, default[n], release[n])
+    assert default[10] <= release[50]
+
+
+@pytest.mark.parametrize("method", ["multistep", "singlestep"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("steps", [3, 10, 11, 12])
+def test_steps_is_the_number_of_evaluations(method, order, steps):
+    calls, reported = [], []
+    diffusion.dpm_solver_sample(lambda x, n: calls.append(n) or gaussian_eps(x, n), x_T_samples(batch=2), steps,
+                                order=order, method=method, progress=lambda done, total: reported.append((done, total)))
+    assert len(calls) == steps
+    assert reported == [(i, steps) for i in range(1, steps + 1)]
+    assert calls[0][0].item() == pytest.approx(1000.0)  # starts at n = 1000
+
+
+def test_solver_errors():
+    x = x_T_samples(batch=2)
+    for kwargs, match in [(dict(method="adaptive"), "method"), (dict(order=4), "order"),
+                          (dict(skip="karras"), "spacing"), (dict(steps=2, order=3), "at least the order")]:
+        with pytest.raises(ValueError, match=match):
+            diffusion.dpm_solver_sample(gaussian_eps, x, **{"steps": 10, **kwargs})
+
+    calls = []
+
+    def nan_after_three(x, n):
+        calls.append(n)
+        eps = gaussian_eps(x, n)
+        return eps * float("nan") if len(calls) == 4 else eps
+
+    with pytest.raises(FloatingPointError, match=r"NaN.*evaluation 4 of 10"):
+        diffusion.dpm_solver_sample(nan_after_three, x, 10)
+
+
+# -- DDPM ancestral sampling ----------------------------------------------------------------------------
+
+def test_ddpm_sample_moments():
+    """With the optimal predictor every DDPM step is affine in x_n plus Gaussian noise, so the
+    mean and variance of x_0 per dimension follow a recursion, written here from Ho et al. (2020):
+    x_{n-1} = (x_n - beta_n / sqrt(1 - alpha_bar_n) eps) / sqrt(1 - beta_n) + sqrt(beta~_n) z,
+    beta~_n = beta_n (1 - alpha_bar_{n-1}) / (1 - alpha_bar_n). Small s make the last steps' noise
+    visible in the variance."""
+    mu, s = np.array([0.2, -0.4, 0.3, 1.0]), np.array([0.03, 0.1, 0.5, 2.0])
+    m = alpha(1.0) * mu  # x_T's mean and variance at n = 1000
+    v = alpha(1.0) ** 2 * s ** 2 + sigma(1.0) ** 2
+    for n in range(1000, 0, -1):
+        a, sg, beta = math.sqrt(ALPHA_BAR[n - 1]), math.sqrt(1 - ALPHA_BAR[n - 1]), BETAS[n - 1]
+        k = sg / (a ** 2 * s ** 2 + sg ** 2)  # eps = k (x - a mu)
+        c = beta / sg / math.sqrt(1 - beta)
+        slope = 1 / math.sqrt(1 - beta) - c * k
+        m = slope * m + c * k * a * mu
+        v = slope ** 2 * v
+        if n > 1:
+            v = v + beta * (1 - ALPHA_BAR[n - 2]) / (1 - ALPHA_BAR[n - 1])
+    batch = 4000
+    x_T = x_T_samples(batch=batch, seed=1, mu=mu, s=s)
+    x0 = diffusion.ddpm_sample(optimal_eps_fn(mu, s), x_T, generator=torch.Generator().manual_seed(0)).numpy()
+    # 4 standard errors of the sample mean and variance
+    assert np.all(np.abs(x0.mean(0) - m) < 4 * np.sqrt(v / batch))
+    assert np.all(np.abs(x0.var(0) - v) < 4 * v * np.sqrt(2 / batch))
+
+
+def test_singlestep_orders():
+    """DPM-Solver-fast's composition for order 3; order 2 ends with a first-order segment."""
+    assert diffusion.singlestep_orders(9, 3) == [3, 3, 2, 1]
+    assert diffusion.singlestep_orders(10, 3) == [3, 3, 3, 1]
+    assert diffusion.singlestep_orders(11, 3) == [3, 3, 3, 2]
+    assert diffusion.singlestep_orders(7, 2) == [2, 2, 2, 1]
+    assert diffusion.singlestep_orders(3, 1) == [1, 1, 1]
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+def test_cli_rejects_bad_input(capsys):
+    assert diffusion.main(["--evals", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

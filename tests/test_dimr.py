@@ -1,0 +1,280 @@
+"""The DiMR network: the authors' parameter counts and MACs, shapes, errors, per-sample time,
+gradients, the pixel-shuffle layout, and equality with an independent statement of the
+release's forward pass on release-format weights (tests/release_reference.py)."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import dimr
+from release_reference import release_forward, release_state_dict
+
+DATA = Path(__file__).parent / "data"
+TINY_2R = dimr.get_config("s", widths=(32, 16), depths=(3, 2), num_heads=4)
+TINY_3R = dimr.DiMRConfig(16, 3, 7, 4, (3, 2, 2), (32, 16, 8), 4)
+
+
+def meta_params(cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in dimr.DiMR(cfg).parameters())
+
+
+def randomise(model, seed=0):
+    """Random weights everywhere (the TD parameters too, so time matters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def inputs(cfg, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t = torch.tensor([1.0, 250.0, 999.0, 600.5, 37.0, 1000.0][:B])
+    y = torch.tensor([0, cfg.num_classes, 3, 1, 2, 5][:B])        # includes the null class
+    return x, t, y
+
+
+@pytest.mark.parametrize("name, params", [
+    ("DiMR-XL/2R", 505_046_408),      # the release checkpoint's tensor sizes, summed
+    ("DiMR-G/2R", 1_056_352_904),
+    ("DiMR-XL/3R", 525_027_372),
+    ("DiMR-M/3R", 132_828_681),
+])
+def test_parameter_counts_exact(name, params):
+    assert meta_params(dimr.get_config(name)) == params
+
+
+def test_parameter_count_l3r_matches_paper():
+    assert abs(meta_params(dimr.get_config("l")) - 284.0e6) < 0.3e6  # paper: 284.0M
+
+
+def test_parameter_count_equals_release_file():
+    total = 0
+    for line in (DATA / "official_xl_2r_state_dict.txt").read_text().splitlines():
+        shape = eval(line.split(" ", 1)[1])
+        total += torch.Size(shape).numel()
+    assert total == meta_params(dimr.get_config("xl"))
+
+
+@pytest.mark.parametrize("name, gmacs", [("xl", 160), ("g", 331), ("xl_3r", 206), ("m", 53.5)])
+def test_macs_match_paper(name, gmacs):
+    macs = sum(row[2] for row in dimr.count(dimr.get_config(name)))
+    assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
+
+
+def test_release_key_names_map_onto_ours():
+    """Every key of the authors' XL/2R checkpoint maps to one of ours with the same shape."""
+    theirs = {}
+    for line in (DATA / "official_xl_2r_state_dict.txt").read_text().splitlines():
+        k, shape = line.split(" ", 1)
+        theirs[dimr.official_key(k)] = tuple(eval(shape))
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in dimr.DiMR(dimr.get_config("xl")).state_dict().items()}
+    assert theirs == ours
+    meta_sd = {line.split(" ", 1)[0]: torch.empty(eval(line.split(" ", 1)[1]), device="meta")
+               for line in (DATA / "official_xl_2r_state_dict.txt").read_text().splitlines()}
+    assert dimr.config_from_official(meta_sd, 16) == dimr.get_config("xl")
+
+
+def test_reference_generator_matches_release_file():
+    """The random release-format state_dicts the tests use have the release's exact names."""
+    sd = release_state_dict(4, 1000, 2, 16, (39, 21), (960, 480), device="meta")
+    listed = {l.split(" ", 1)[0]: tuple(eval(l.split(" ", 1)[1]))
+              for l in (DATA / "official_xl_2r_state_dict.txt").read_text().splitlines()}
+    assert {k: tuple(v.shape) for k, v in sd.items()} == listed
+
+
+@pytest.mark.parametrize("cfg", [TINY_2R, TINY_3R], ids=["2R", "3R"])
+def test_output_shapes(cfg):
+    x, t, y = inputs(cfg)
+    outs = dimr.DiMR(cfg)(x, t, y)
+    sizes = [cfg.input_size // (cfg.patch_size // 2 ** r) for r in range(cfg.num_branches)]
+    assert [tuple(o.shape) for o in outs] == [(4, cfg.in_channels, s, s) for s in sizes]
+    assert sizes[-1] == cfg.input_size
+
+
+@pytest.mark.parametrize("blocks", [(3, 3), (3, 3, 3)], ids=["2R", "3R"])
+def test_from_official_equals_release_forward(blocks):
+    """from_official + our forward == the release's forward, same random weights (float64:
+    differences are float rounding, 1e-10; float32 to 1e-4 relative)."""
+    R = len(blocks)
+    widths = (32, 16, 8)[:R]
+    g = torch.Generator().manual_seed(1)
+    sd = release_state_dict(3, 5, 2 ** (R - 1), 4, blocks, widths, dtype=torch.float32, generator=g)
+    model = dimr.from_official(sd, num_heads=4).double()
+    sd = {k: v.double() for k, v in sd.items()}
+    assert model.config.widths == widths and model.config.input_size == 4 * 2 ** (R - 1)
+    x = torch.randn(4, 3, model.config.input_size, model.config.input_size, dtype=torch.float64, generator=g)
+    n = torch.tensor([1.0, 500.0, 873.0, 1000.0], dtype=torch.float64)
+    y = torch.tensor([0, 5, 2, 4])                                     # 5 = null class
+    ours, ref = model(x, n, y), release_forward(sd, x, n, y, heads=4)
+    assert len(ours) == R
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() < 1e-10 * (1 + b.abs().max())
+    ours32 = model.float()(x.float(), n.float(), y)
+    for a, b in zip(ours32, ref):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_from_official_errors():
+    sd = release_state_dict(3, 5, 2, 4, (3, 3), (32, 16), generator=torch.Generator().manual_seed(0))
+    extra = dict(sd, **{"stages.0.bogus.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="unexpected keys"):
+        dimr.from_official(extra, 4)
+    missing = {k: v for k, v in sd.items() if "skip_denses.0.bias" not in k}
+    with pytest.raises(ValueError, match="missing keys"):
+        dimr.from_official(missing, 4)
+    bad = dict(sd, **{"stages.1.blocks.0.block2.w0.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match="shape mismatch"):
+        dimr.from_official(bad, 4)
+    with pytest.raises(ValueError, match="not a DiMR release"):
+        dimr.from_official({"foo": torch.zeros(2)}, 4)
+
+
+def test_convert_command_roundtrip(tmp_path):
+    sd = release_state_dict(3, 5, 2, 4, (3, 3), (32, 16), dtype=torch.float32,
+                            generator=torch.Generator().manual_seed(2))
+    torch.save(sd, tmp_path / "release.pth")
+    dimr.main(["convert", str(tmp_path / "release.pth"), str(tmp_path / "ours.pt"), "--heads", "4"])
+    model, _ = dimr.load_model(tmp_path / "ours.pt")
+    x, t, y = inputs(model.config)
+    ref = release_forward({k: v.double() for k, v in sd.items()}, x.double(), t.double(), y, heads=4)
+    for a, b in zip(model(x, t, y), ref):
+        assert (a.double() - b).abs().max() / b.abs().max() < 1e-4
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="error: cannot read checkpoint"):
+        dimr.main(["convert", str(tmp_path / "bad.pth"), str(tmp_path / "x.pt"), "--heads", "4"])
+    with pytest.raises(SystemExit, match="error: checkpoint not found"):
+        dimr.main(["convert", str(tmp_path / "none.pth"), str(tmp_path / "x.pt"), "--heads", "4"])
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = dimr.DiMR(TINY_2R)
+    x, t, y = inputs(TINY_2R)
+    with pytest.raises(ValueError, match=r"x must be \[B, 1, H, W\]"):
+        model(x.repeat(1, 3, 1, 1), t, y)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model(x[..., :7, :7], t, y)
+    with pytest.raises(ValueError, match="at most 8"):
+        model(torch.zeros(4, 1, 16, 16), t, y)
+    with pytest.raises(ValueError, match="t must be"):
+        model(x, t[:2], y)
+    with pytest.raises(ValueError, match="t must be"):
+        model(x, t.long(), y)
+    with pytest.raises(ValueError, match=r"class ids \[11\] out of range 0..10"):
+        model(x, t, torch.tensor([0, 11, 2, 3]))
+    with pytest.raises(ValueError, match="int64"):
+        model(x, t, y.float())
+    with pytest.raises(ValueError, match="unknown variant 'XXL'"):
+        dimr.get_config("XXL")
+    with pytest.raises(ValueError, match="patch_size must be"):
+        dimr.get_config("s", patch_size=4)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        dimr.get_config("s", norm="batchnorm")
+
+
+@pytest.mark.parametrize("cfg", [TINY_2R, TINY_3R], ids=["2R", "3R"])
+def test_mixed_time_batch_equals_samples_one_at_a_time(cfg):
+    model = randomise(dimr.DiMR(cfg)).eval()
+    x, t, y = inputs(cfg)
+    batched = model(x, t, y)
+    for i in range(4):
+        single = model(x[i:i + 1], t[i:i + 1], y[i:i + 1])
+        for a, b in zip(batched, single):
+            assert torch.allclose(a[i:i + 1], b, atol=1e-5, rtol=1e-4)
+    # and time does matter once the TD parameters are trained
+    other = model(x, t.flip(0), y)
+    assert (other[-1] - batched[-1]).abs().max() > 1e-3
+
+
+def test_every_parameter_gets_a_gradient():
+    model = randomise(dimr.DiMR(TINY_3R))
+    x, t, y = inputs(TINY_3R)
+    sum(o.sum() for o in model(x, t, y)).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    # only the class rows that no sample in the batch uses stay untouched
+    assert no_grad == ["class_embed.weight"] or no_grad == []
+    used = model.class_embed.weight.grad.abs().sum(1) > 0
+    assert used.tolist() == [i in y.tolist() for i in range(TINY_3R.num_classes + 1)]
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    model = randomise(dimr.DiMR(TINY_2R))
+    x, t, y = inputs(TINY_2R)
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(flag)
+        sum(o.square().mean() for o in model(x, t, y)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_pixel_shuffle_layout_against_index_loop():
+    B, h, w, k, D = 2, 3, 4, 2, 5
+    x = torch.randn(B, h, w, k * k * D)
+    out = dimr.pixel_shuffle(x, k)
+    for hh in range(h):
+        for ww in range(w):
+            for i in range(k):
+                for j in range(k):
+                    for c in range(D):
+                        assert out[:, hh * k + i, ww * k + j, c].equal(x[:, hh, ww, (i * k + j) * D + c])
+
+
+def test_position_embedding_index():
+    """Token (h, w) gets row h * max_w + w of the table (also for inputs smaller than the max)."""
+    cfg = TINY_2R
+    model = dimr.DiMR(cfg)
+    branch = model.branches[1]
+    with torch.no_grad():
+        branch.patch_embed.weight.zero_()
+        branch.patch_embed.bias.zero_()
+    seen = {}
+    branch.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    branch(torch.zeros(1, 1, 4, 4), dimr.time_input(torch.ones(1)), None, None)  # half the max grid
+    grid = cfg.input_size
+    for a in range(4):
+        for b in range(4):
+            assert torch.equal(seen["x"][0, a, b], branch.pos_embed[a * grid + b])
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    cfg = dataclasses.replace(TINY_2R, norm="adaln_zero")
+    model = dimr.DiMR(cfg)
+    x, t, y = inputs(cfg)
+    c, _ = model.condition(t, y)
+    tokens = torch.randn(4, 5, 32)
+    assert torch.equal(model.branches[0].blocks[0](tokens, c), tokens)
+
+
+@pytest.mark.parametrize("norm, mlp, depths, widths", [
+    ("ln", "gelu", (3,), (32,)), ("adaln_zero", "gelu", (3, 2), (32, 16)), ("td", "gelu", (3, 2), (32, 16)),
+])
+def test_table5_ablations_run(norm, mlp, depths, widths):
+    patch = 2 if len(depths) > 1 else 4
+    cfg = dimr.get_config("s", norm=norm, mlp=mlp, depths=depths, widths=widths, patch_size=patch)
+    model = randomise(dimr.DiMR(cfg))
+    x, t, y = inputs(cfg)
+    outs = model(x, t, y)
+    assert outs[-1].shape == x.shape  # the single-branch model un-patchifies to full resolution
+    # GELU MLP has 8 D^2 weights per block against GLU's 6 D^2
+    glu = meta_params(dataclasses.replace(cfg, mlp="glu"))
+    blocks = [2 * (n // 2) + 1 for n in depths]
+    assert meta_params(cfg) - glu == sum(b * 2 * w * w for b, w in zip(blocks, widths))
+
+
+def test_checkpoint_save_is_atomic_and_load_is_safe(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoints.save({"a": torch.ones(2)}, path)
+    assert torch.equal(checkpoints.load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        checkpoints.load(path)
