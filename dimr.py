@@ -62,7 +62,7 @@ class DiMRConfig:
             problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.mlp not in MLPS:
             problems.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
-        if self.patch_size % 2 ** (R - 1) or (R > 1 and self.patch_size != 2 ** (R - 1)):
+        if R > 1 and self.patch_size != 2 ** (R - 1):
             problems.append(f"patch_size must be 2^(R-1) = {2 ** (R - 1)} for {R} branches, got {self.patch_size}")
         if self.input_size % self.patch_size:
             problems.append(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
@@ -237,6 +237,9 @@ class ConvNeXtBlock(nn.Module):
     def __init__(self, cfg, dim, cond_dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        # the input arrives channels-last; a channels-last kernel keeps oneDNN on its fast
+        # depthwise path (forward + backward 2x faster on CPU than the default layout)
+        self.dwconv.weight.data = self.dwconv.weight.data.contiguous(memory_format=torch.channels_last)
         self.norm = make_norm(cfg.norm, dim, cond_dim, pre_norm=True)
         self.mlp = make_mlp(cfg.mlp, dim)
         self.gates = Gates(1, dim, cond_dim) if cfg.norm == "adaln_zero" else None
