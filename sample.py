@@ -1,0 +1,346 @@
+"""Sampling from a trained DiMR: images, a labelled grid and the .npz that FID reads (paper Sec. 4).
+
+The paper's numbers are FID-50K of class-conditional samples drawn with DPM-Solver (250 steps in
+the release) and classifier-free guidance (release convention eps = eps_c + s (eps_c - eps_u),
+s = 0.4 for the 256 px models; optionally with the power-cosine decay). The sampler and the
+guidance live in diffusion.py; this file turns a checkpoint into images:
+
+- library (train.py uses it): `generate` (model-space samples, image i from the noise of seed i,
+  whatever the batch it lands in), `to_uint8`, `save_grid`, `decode_to_uint8` (VAE for latents);
+- command line: `python sample.py CKPT --num-images 50000 --out DIR`, or with `torchrun --nproc_per_node=8`
+  (EDM/DiT style: rank r takes one contiguous chunk of the indices, every rank writes its share
+  to a part file, rank 0 streams the parts into one .npz in index order).
+
+Outputs in --out: grid.png (the first 64 images, each labelled with its class id),
+images/000000.png ... (one per image), samples.npz with arr_0 uint8 [N, H, W, 3] (the ADM
+evaluation suite's layout) and labels int64 [N].
+"""
+import argparse
+import math
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import dimr
+import distributed
+import vae as vae_lib
+from diffusion import DEFAULT_SAMPLER, METHODS, ORDERS, SPACINGS, dpm_solver_sample, guided_eps_fn
+
+RELEASE_CFG_SCALE = 0.4  # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
+DEFAULT_STEPS = 50  # our sampler at 50 evaluations; the release used 250 for FID-50K (see --help)
+GRID_MAX = 64  # images in grid.png
+GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
+GRID_PAD = 4  # white pixels around each grid cell
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of the network
+
+
+# ----------------------------------------------------------------------------------------------
+# Library
+
+class Progress:
+    """One line per update: done/total, items/s and ETA (stderr, so stdout stays clean)."""
+
+    def __init__(self, total, unit="images", prefix="sample"):
+        self.total, self.unit, self.prefix = total, unit, prefix
+        self.done, self.start = 0, time.time()
+
+    def update(self, n):
+        self.done += n
+        elapsed = time.time() - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"{self.prefix}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
+              f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}", file=sys.stderr, flush=True)
+
+
+def format_seconds(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def initial_noise(seeds, shape):
+    """x_T for each seed: a standard normal (C, H, W) from torch.Generator(seed) on the CPU.
+
+    Per image, so image i is the same whatever the batch composition or number of processes.
+    """
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def check_labels(labels, num_classes):
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise ValueError(f"class ids {bad[:5].tolist()} out of range 0..{num_classes - 1} "
+                         f"(this model has {num_classes} classes)")
+    return labels
+
+
+@torch.no_grad()
+def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE, decay_power=None,
+             order=DEFAULT_SAMPLER["order"], method=DEFAULT_SAMPLER["method"], skip=DEFAULT_SAMPLER["skip"],
+             batch_size=64, device="cpu", progress=False, amp_dtype=None):
+    """Class-conditional samples in model space (pixels in [-1, 1] or scaled latents), float32 CPU.
+
+    labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
+    cfg_scale: the release's s (0 = no guidance); decay_power: power-cosine decay of the guidance;
+    order / method / skip / steps: DPM-Solver++ (diffusion.dpm_solver_sample); amp_dtype: run the
+    network under autocast to this dtype (the solver's own arithmetic stays float32).
+    Returns [N, C, H, W].
+    """
+    cfg = model.config
+    labels = check_labels(labels, cfg.num_classes)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    bar = Progress(len(labels)) if progress else None
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size].to(device)
+        x_T = initial_noise(seeds[start:start + batch_size], (cfg.in_channels, cfg.input_size, cfg.input_size))
+        eps_fn = guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            x = dpm_solver_sample(eps_fn, x_T.to(device), steps, order=order, method=method, skip=skip)
+        out.append(x.float().cpu())
+        if bar:
+            bar.update(len(y))
+    if not out:
+        return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
+    return torch.cat(out)
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (N, C, H, W), C = 1 or 3 -> uint8 (N, H, W, 3): round(127.5 (x + 1)), clipped."""
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, 1 or 3, H, W], got {list(x.shape)}")
+    x = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # floor(v + 0.5) = round
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode_to_uint8(x, config, vae=None):
+    """Model-space samples -> uint8 (N, H, W, 3); latent models go through the VAE decoder first."""
+    if vae_lib.is_latent(config):
+        if vae is None:
+            raise ValueError("this is a latent model: pass a VAE (vae.load_vae) to decode its samples")
+        x = vae_lib.decode(vae, x)
+    return to_uint8(x)
+
+
+def save_grid(images, labels, path, ncol=None):
+    """A grid PNG of uint8 images (N, H, W, 3), each with its class id written under it.
+
+    Images smaller than GRID_MIN_CELL pixels are upscaled by an integer factor (nearest) so that
+    8x8 digits stay visible. Returns the upscale factor.
+    """
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    if n == 0 or len(labels) != n:
+        raise ValueError(f"need at least one image and one label per image, got {n} images, {len(labels)} labels")
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    scale = max(1, math.ceil(GRID_MIN_CELL / min(h, w)))
+    font = ImageFont.load_default()
+    text_h = font.getbbox("0123456789")[3] + 4
+    pad = GRID_PAD
+    cell_w, cell_h = w * scale + pad, h * scale + text_h + pad
+    grid = Image.new("RGB", (ncol * cell_w + pad, nrow * cell_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x0, y0 = pad + (i % ncol) * cell_w, pad + (i // ncol) * cell_h
+        grid.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (x0, y0))
+        draw.text((x0, y0 + h * scale + 1), str(int(label)), fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: classes, index split, .npz
+
+def parse_classes(spec, num, num_classes, seed):
+    """Labels [num] from '3,1,4' (cycled), '0-9' (inclusive range, cycled) or 'random'.
+
+    'random' draws uniformly from numpy's default_rng(seed), the same on every process.
+    """
+    spec = spec.strip()
+    if spec == "random":
+        return np.random.default_rng(seed).integers(0, num_classes, num, dtype=np.int64)
+    try:
+        if "-" in spec[1:]:
+            lo, hi = (int(v) for v in spec.split("-", 1))
+            if hi < lo:
+                raise ValueError
+            classes = list(range(lo, hi + 1))
+        else:
+            classes = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes must be a list (3,1,4), a range (0-9) or 'random', got {spec!r}") from None
+    labels = np.resize(np.array(classes, dtype=np.int64), num)  # cycles through the list
+    check_labels(classes, num_classes)
+    return labels
+
+
+def rank_indices(num, rank, world_size):
+    """The contiguous chunk of 0..num-1 that `rank` samples (sizes differ by at most one)."""
+    lo, hi = num * rank // world_size, num * (rank + 1) // world_size
+    return np.arange(lo, hi)
+
+
+def write_npz(path, parts, labels):
+    """Stream the uint8 part arrays (read in order, one chunk at a time) into an ADM .npz.
+
+    Keys: arr_0 uint8 [N, H, W, 3] (the concatenation of `parts`) and labels int64 [N]; written
+    as np.savez does (an uncompressed zip of .npy files), to a temporary file renamed over `path`,
+    without ever holding all images in memory (50K 512 px images are 39 GB).
+    """
+    n = sum(len(p) for p in parts)
+    shape = (n, *parts[0].shape[1:])
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape})
+                for part in parts:
+                    for start in range(0, len(part), 1024):
+                        f.write(np.ascontiguousarray(part[start:start + 1024], dtype=np.uint8).tobytes())
+            with zf.open("labels.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: main
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Sample class-conditional images from a DiMR checkpoint (ours, or converted from the "
+                    "release with `python dimr.py convert`). Writes grid.png, images/NNNNNN.png and "
+                    "samples.npz (arr_0 uint8 [N, H, W, 3], labels [N]) to --out. Multi-process: "
+                    "torchrun --nproc_per_node=G sample.py ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint .pt with config and weights (train.py or dimr.py convert)")
+    p.add_argument("--out", required=True, help="output directory")
+    # not `--num`: torchrun reads abbreviations of its own flags (--numa-binding) after the script too
+    p.add_argument("--num-images", type=int, default=64, help="number of images N")
+    p.add_argument("--classes", default="random",
+                   help="class of image i: a list '3,1,4' or inclusive range '0-9' (cycled over the images), "
+                        "or 'random' (uniform, drawn with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed SEED + i, "
+                                                        "whatever the number of processes")
+    p.add_argument("--cfg-scale", type=float, default=RELEASE_CFG_SCALE,
+                   help="classifier-free guidance s in the release's convention eps = eps_c + s (eps_c - eps_u) "
+                        "(= guidance scale 1 + s); 0.4 is the release's for ImageNet 256; 0 = none (the paper's "
+                        "ImageNet 64 results)")
+    p.add_argument("--decay-power", type=float, default=None,
+                   help="power-cosine guidance decay: w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; "
+                        "default constant guidance")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="network evaluations of DPM-Solver (with guidance each one pass over a doubled batch: "
+                        "conditional and null class). The release's FID-50K setting is --steps 250 "
+                        "--method singlestep --skip time_uniform (with --order 3)")
+    p.add_argument("--order", type=int, choices=ORDERS, default=DEFAULT_SAMPLER["order"], help="solver order")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_SAMPLER["method"], help="DPM-Solver++ variant")
+    p.add_argument("--skip", choices=SPACINGS, default=DEFAULT_SAMPLER["skip"], help="step spacing")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="autocast dtype of the network (default bf16 on CUDA, fp32 on CPU); the VAE runs in fp32")
+    p.add_argument("--vae", default=vae_lib.DEFAULT_VAE,
+                   help="latent models only: diffusers AutoencoderKL directory or hub name used to decode")
+    p.add_argument("--no-png", action="store_true", help="do not write images/NNNNNN.png")
+    return p
+
+
+def check_args(args):
+    problems = [f"{flag} must be >= {lo}, got {v}" for flag, v, lo in
+                (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
+                 ("--steps", args.steps, args.order),
+                 ("--seed", args.seed, 0), ("--cfg-scale", args.cfg_scale, 0))
+                if v < lo]
+    if args.decay_power is not None and args.decay_power <= 0:
+        problems.append(f"--decay-power must be > 0, got {args.decay_power}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def run(args):
+    check_args(args)
+    device = distributed.init()
+    rank, world = distributed.rank(), distributed.world_size()
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    model, _ = dimr.load_model(args.checkpoint, weights=args.weights, device=device)
+    cfg = model.config
+    labels = parse_classes(args.classes, args.num_images, cfg.num_classes, args.seed)
+    vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
+    out = Path(args.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    if not args.no_png:
+        (out / "images").mkdir(exist_ok=True)
+    distributed.print0(f"sampling {args.num_images} images of {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
+                       f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} process(es): {args.steps} steps "
+                       f"{args.method} order {args.order} {args.skip}, cfg scale {args.cfg_scale}, "
+                       f"decay power {args.decay_power}, {args.weights} weights, {precision}")
+
+    idx = rank_indices(args.num_images, rank, world)
+    side = cfg.input_size * (vae_lib.DOWNSAMPLE if vae else 1)
+    part_path = out / "parts" / f"rank{rank:05d}.npy"
+    part = np.lib.format.open_memmap(part_path, mode="w+", dtype=np.uint8, shape=(len(idx), side, side, 3))
+    bar = Progress(len(idx), prefix=f"sample (rank 0 of {world})" if world > 1 else "sample") \
+        if distributed.is_main() else None
+    for start in range(0, len(idx), args.batch_size):
+        batch = idx[start:start + args.batch_size]
+        x = generate(model, labels[batch], args.seed + batch, steps=args.steps, cfg_scale=args.cfg_scale,
+                     decay_power=args.decay_power, order=args.order, method=args.method, skip=args.skip,
+                     batch_size=len(batch), device=device, amp_dtype=PRECISIONS[precision])
+        images = decode_to_uint8(x.to(device), cfg, vae)
+        part[start:start + len(batch)] = images
+        if not args.no_png:
+            for i, image in zip(batch, images):
+                Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
+        if bar:
+            bar.update(len(batch))
+    part.flush()
+    del part
+    distributed.barrier()
+
+    if distributed.is_main():
+        part_paths = [out / "parts" / f"rank{r:05d}.npy" for r in range(world)]
+        parts = [np.load(p, mmap_mode="r") for p in part_paths]
+        write_npz(out / "samples.npz", parts, labels)
+        first = np.concatenate([p[:GRID_MAX] for p in parts])[:GRID_MAX]
+        save_grid(first, labels[:len(first)], out / "grid.png")
+        del parts
+        for p in part_paths:
+            p.unlink()
+        (out / "parts").rmdir()
+        print(f"wrote {out / 'samples.npz'} (arr_0 uint8 [{args.num_images}, {side}, {side}, 3], labels) and "
+              f"{out / 'grid.png'}" + ("" if args.no_png else f" and {out / 'images'}/"), flush=True)
+    distributed.barrier()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

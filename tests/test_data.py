@@ -1,0 +1,139 @@
+"""Training data: digits against scikit-learn's own arrays, ADM's center crop against closed forms,
+image folders of known colours, and the three latent layouts the extractor may write."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+import data
+
+
+def test_digits_are_sklearn_digits_in_model_space():
+    d = data.digits()
+    x, y = d.dataset.tensors
+    ref = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and d.num_classes == 10 and not d.flip
+    np.testing.assert_allclose(x[:, 0].numpy(), ref.images / 16 * 2 - 1, atol=1e-7)
+    assert torch.equal(y, torch.from_numpy(ref.target).long())
+
+
+def test_digits_upsampled():
+    x8 = data.digits(8).dataset.tensors[0]
+    x16 = data.digits(16).dataset.tensors[0]
+    assert x16.shape == (1797, 1, 16, 16)
+    # bilinear 2x with half-pixel centres: output pixel (0, 0) samples input (-1/4, -1/4), clamped to (0, 0)
+    assert torch.equal(x16[:, 0, 0, 0], x8[:, 0, 0, 0])
+    # a pixel strictly inside: output (2i+1) samples input i + 1/4 -> 3/4 x[i] + 1/4 x[i+1] per axis
+    i = 3
+    expect = (0.75 * 0.75 * x8[..., i, i] + 0.75 * 0.25 * (x8[..., i, i + 1] + x8[..., i + 1, i])
+              + 0.25 * 0.25 * x8[..., i + 1, i + 1])
+    torch.testing.assert_close(x16[..., 2 * i + 1, 2 * i + 1], expect, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="digits come at 8 px"):
+        data.digits(12)
+
+
+def rgb(array):
+    return Image.fromarray(np.asarray(array, dtype=np.uint8), "RGB")
+
+
+def test_center_crop_exact_size_is_identity():
+    arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3))
+    assert np.array_equal(data.center_crop_arr(rgb(arr), 32), arr)
+
+
+def test_center_crop_wide_image_takes_the_middle_columns():
+    arr = np.random.default_rng(1).integers(0, 256, (32, 96, 3))       # H 32, W 96: no resize
+    assert np.array_equal(data.center_crop_arr(rgb(arr), 32), arr[:, 32:64])
+
+
+def test_center_crop_halves_with_a_box_filter():
+    arr = np.random.default_rng(2).integers(0, 256, (64, 64, 3))
+    block_mean = arr.reshape(32, 2, 32, 2, 3).mean((1, 3))            # what BOX halving computes
+    out = data.center_crop_arr(rgb(arr), 32).astype(float)
+    assert np.abs(out - block_mean).max() <= 1  # pillow's fixed-point filter rounds to a neighbouring uint8
+
+
+def make_folder(root, classes, size=(40, 24)):
+    """One image of a constant colour per class: class c -> colour (10 c, 20 c, 30 c)."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        colour = np.array([10, 20, 30]) * c
+        rgb(np.broadcast_to(colour, (size[1], size[0], 3))).save(root / name / f"img{c}.png")
+    return root
+
+
+def test_image_folder(tmp_path):
+    root = make_folder(tmp_path / "imgs", ["b_dog", "a_cat", "c_owl"])
+    (tmp_path / "imgs" / "a_cat" / "notes.txt").write_text("not an image")
+    d = data.open_data(str(root), image_size=16)
+    assert d.class_names == ["a_cat", "b_dog", "c_owl"] and d.num_classes == 3 and len(d.dataset) == 3 and d.flip
+    for i in range(3):
+        x, y = d.dataset[i]
+        assert x.shape == (3, 16, 16) and y == i
+        colour = torch.tensor([10.0, 20.0, 30.0]) * ["b_dog", "a_cat", "c_owl"].index(d.class_names[i])
+        torch.testing.assert_close(x, (colour / 127.5 - 1)[:, None, None].expand(3, 16, 16), atol=1e-6, rtol=0)
+
+
+def test_image_folder_without_images(tmp_path):
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    (tmp_path / "empty" / "class0" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images .* in .*empty.*one sub-folder per class"):
+        data.open_data(str(tmp_path / "empty"), image_size=16)
+
+
+def latent_arrays(n=10, seed=0):
+    g = np.random.default_rng(seed)
+    return g.standard_normal((n, 4, 4, 4)).astype(np.float16), g.integers(0, 7, n)
+
+
+def test_latents_npz_shards_and_npy_agree(tmp_path):
+    lat, labels = latent_arrays()
+    np.savez(tmp_path / "all.npz", **{data.LATENTS_KEY: lat, data.LABELS_KEY: labels})
+    (tmp_path / "shards").mkdir()
+    for i, part in enumerate((slice(0, 4), slice(4, 10))):
+        np.savez(tmp_path / "shards" / data.SHARD_NAME.format(i),
+                 **{data.LATENTS_KEY: lat[part], data.LABELS_KEY: labels[part]})
+    np.save(tmp_path / "lat.npy", lat)
+    np.save(data.labels_npy_path(tmp_path / "lat.npy"), labels)
+    assert data.labels_npy_path(tmp_path / "lat.npy").name == "lat_labels.npy"
+    for path in ("all.npz", "shards", "lat.npy"):
+        x, y = data.load_latents(tmp_path / path)
+        assert x.dtype == torch.float16 and np.array_equal(x.numpy(), lat)
+        assert y.dtype == torch.int64 and np.array_equal(y.numpy(), labels)
+        d = data.open_data(str(tmp_path / path), num_classes=7)
+        item, label = d.dataset[3]
+        assert d.channels == 4 and d.image_size == 4 and d.num_classes == 7 and not d.flip
+        assert item.dtype == torch.float32 and np.array_equal(item.numpy(), lat[3].astype(np.float32))
+        assert label == labels[3]
+
+
+def test_latent_errors(tmp_path):
+    lat, labels = latent_arrays()
+    np.save(tmp_path / "lat.npy", lat)
+    with pytest.raises(FileNotFoundError, match="lat_labels.npy are missing"):
+        data.load_latents(tmp_path / "lat.npy")
+    np.savez(tmp_path / "bad.npz", images=lat, labels=labels)
+    with pytest.raises(ValueError, match=r"no \['latents'\]"):
+        data.load_latents(tmp_path / "bad.npz")
+    np.savez(tmp_path / "flat.npz", latents=lat.reshape(10, -1), labels=labels)
+    with pytest.raises(ValueError, match=r"float \[N, C, h, h\]"):
+        data.load_latents(tmp_path / "flat.npz")
+    (tmp_path / "gap").mkdir()
+    for i in (0, 2):
+        np.savez(tmp_path / "gap" / data.SHARD_NAME.format(i), latents=lat, labels=labels)
+    with pytest.raises(ValueError, match="shard_00001.npz is missing"):
+        data.load_latents(tmp_path / "gap")
+    np.savez(tmp_path / "ok.npz", latents=lat, labels=labels)
+    with pytest.raises(ValueError, match="class ids up to 6, but 5 classes"):
+        data.open_data(str(tmp_path / "ok.npz"), num_classes=5)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_latents(tmp_path / "broken.npz")
+
+
+def test_open_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        data.open_data(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--num-classes applies to latents only"):
+        data.open_data("digits", num_classes=10)

@@ -1,0 +1,224 @@
+"""sample.py: per-image seeds, the ADM .npz layout, the split of indices over processes, errors."""
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import dimr
+import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(widths=(32, 16), depths=(2, 2), num_heads=2)  # DiMR-S/2R shape, 8x8x1, 10 classes
+
+
+def tiny_model(seed):
+    torch.manual_seed(seed)
+    return dimr.DiMR(dimr.get_config("s", **TINY)).eval()
+
+
+def save_ckpt(path, model, ema):
+    checkpoints.save({"config": dataclasses.asdict(model.config), "model": model.state_dict(),
+                      "ema": ema.state_dict()}, path)
+    return path
+
+
+class ZeroEps(torch.nn.Module):
+    """A 'model' predicting eps = 0 for every branch: x_t / alpha_t stays constant along the ODE."""
+
+    def __init__(self, channels=3, size=4, num_classes=5):
+        super().__init__()
+        self.config = SimpleNamespace(in_channels=channels, input_size=size, num_classes=num_classes)
+
+    def forward(self, x, t, y):
+        return [torch.zeros_like(x)]
+
+
+def test_to_uint8_rounds_and_clips_like_the_adm_conversion():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(2, 3, 5, 5, generator=g) * 2.4 - 1.2,
+                   torch.tensor([-1.0, 0.0, 1.0, -2.0, 2.0]).view(1, 1, 1, 5).expand(1, 3, 5, 5)])
+    ref = np.clip(np.floor(x.numpy().astype(np.float64) * 127.5 + 127.5 + 0.5), 0, 255)
+    out = sample.to_uint8(x)
+    assert out.dtype == np.uint8 and out.shape == (3, 5, 5, 3)
+    np.testing.assert_array_equal(out, ref.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(out[2, 0, :, 0], [0, 128, 255, 0, 255])  # x = -1, 0, 1, -2, 2
+    grey = sample.to_uint8(x[:, :1])
+    np.testing.assert_array_equal(grey, np.repeat(ref[:, :1].transpose(0, 2, 3, 1), 3, axis=3))
+
+
+@pytest.mark.parametrize("method,order,skip", [("singlestep", 3, "time_uniform"), ("multistep", 2, "logSNR"),
+                                               ("multistep", 3, "time_quadratic")])
+def test_generate_starts_image_i_from_seed_i(method, order, skip):
+    """With eps = 0 the probability-flow ODE maps x_T to x_T * alpha(n=1) / alpha(n=1000) exactly, and
+    every DPM-Solver step is exact for it, so the output exposes each image's starting noise."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha_bar = np.cumprod(1 - betas)
+    factor = np.sqrt(alpha_bar[0]) / np.sqrt(alpha_bar[-1])
+    seeds = [7, 123, 7, 2 ** 40]
+    x = sample.generate(ZeroEps(), [0, 4, 2, 1], seeds, steps=6, method=method, order=order, skip=skip,
+                        batch_size=3)
+    for i, s in enumerate(seeds):
+        x_T = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s))
+        torch.testing.assert_close(x[i], x_T * factor, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(x[0], x[1])
+
+
+def test_generate_does_not_depend_on_the_batch_an_image_lands_in():
+    model = tiny_model(0)
+    labels, seeds = [3, 1, 4, 1, 5, 9], [10, 11, 12, 13, 14, 15]
+    full = sample.generate(model, labels, seeds, steps=4, batch_size=6)
+    part = sample.generate(model, labels[3:], seeds[3:], steps=4, batch_size=2)
+    assert full.shape == (6, 1, 8, 8)
+    torch.testing.assert_close(part, full[3:], rtol=0, atol=1e-5)
+    assert (full[0] - full[2]).abs().max() > 0.01  # different seeds and classes give different images
+
+
+def test_amp_dtype_runs_the_network_under_autocast():
+    seen = []
+
+    class Probe(ZeroEps):
+        def forward(self, x, t, y):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().forward(x, t, y)
+
+    x = sample.generate(Probe(), [0], [0], steps=3, amp_dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16] * 3 and x.dtype == torch.float32
+    seen.clear()
+    sample.generate(Probe(), [0], [0], steps=3)
+    assert seen == [None] * 3
+
+
+def test_parse_classes_lists_ranges_and_random():
+    np.testing.assert_array_equal(sample.parse_classes("3,1,4", 7, 10, 0), [3, 1, 4, 3, 1, 4, 3])
+    np.testing.assert_array_equal(sample.parse_classes("2-4", 5, 10, 0), [2, 3, 4, 2, 3])
+    a = sample.parse_classes("random", 2000, 10, seed=5)
+    assert a.dtype == np.int64 and a.min() == 0 and a.max() == 9
+    np.testing.assert_array_equal(a, sample.parse_classes("random", 2000, 10, seed=5))
+    assert (a != sample.parse_classes("random", 2000, 10, seed=6)).mean() > 0.8
+    assert np.all(np.abs(np.bincount(a, minlength=10) - 200) < 60)  # ~ 5 binomial std
+    for bad in ("5-2", "a,b", "1,,2", "x-3"):
+        with pytest.raises(ValueError, match="--classes"):
+            sample.parse_classes(bad, 4, 10, 0)
+    with pytest.raises(ValueError, match=r"class ids \[10\] out of range 0..9"):
+        sample.parse_classes("0,10", 4, 10, 0)
+
+
+@pytest.mark.parametrize("num", [0, 1, 7, 64, 101])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_ranks_split_indices_without_gaps_or_repeats(num, world):
+    chunks = [sample.rank_indices(num, r, world) for r in range(world)]
+    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(num))  # in rank order: contiguous
+    sizes = [len(c) for c in chunks]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_npz_has_the_adm_layout(tmp_path):
+    g = np.random.default_rng(0)
+    parts = [g.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8) for n in (3, 0, 4)]
+    np.save(tmp_path / "p.npy", parts[2])
+    parts[2] = np.load(tmp_path / "p.npy", mmap_mode="r")  # part files are memory-mapped in sample.py
+    labels = np.array([5, 1, 0, 2, 2, 9, 3])
+    sample.write_npz(tmp_path / "s.npz", parts, labels)
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f.files) == ["arr_0", "labels"]
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (7, 6, 6, 3)
+        np.testing.assert_array_equal(f["arr_0"], np.concatenate([np.asarray(p) for p in parts]))
+        assert f["labels"].dtype == np.int64
+        np.testing.assert_array_equal(f["labels"], labels)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed
+
+
+def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    images[0, :4] = (255, 0, 0)  # top half red
+    images[1] = (0, 0, 255)
+    scale = sample.save_grid(images, [7, 2, 5], tmp_path / "g.png", ncol=2)
+    assert scale == 8  # 8x8 -> 64x64 (GRID_MIN_CELL)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    p = sample.GRID_PAD
+    np.testing.assert_array_equal(grid[p:p + 64, p:p + 64], np.kron(images[0], np.ones((8, 8, 1), np.uint8)))
+    second = grid[p:p + 64, 2 * p + 64:2 * p + 128]
+    assert (second == (0, 0, 255)).all()
+    label_strip = grid[p + 64:p + 64 + 10, p:p + 64]
+    assert (label_strip < 128).any()  # the class id is drawn in black under the image
+
+
+def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
+    raw, ema = tiny_model(0), tiny_model(1)
+    ckpt = save_ckpt(tmp_path / "c.pt", raw, ema)
+    common = ["--num-images", "5", "--classes", "2,7", "--seed", "100", "--steps", "4", "--batch-size", "2"]
+    sample.main([str(ckpt), "--out", str(tmp_path / "ema"), *common])
+    sample.main([str(ckpt), "--out", str(tmp_path / "raw"), "--weights", "model", "--no-png", *common])
+    labels = [2, 7, 2, 7, 2]
+    seeds = range(100, 105)
+    with np.load(tmp_path / "ema" / "samples.npz") as f:
+        arr, lab = f["arr_0"], f["labels"]
+    assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(lab, labels)
+    np.testing.assert_array_equal(arr, sample.to_uint8(sample.generate(ema, labels, seeds, steps=4)))
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ema" / "images" / f"{i:06d}.png")), arr[i])
+    assert (tmp_path / "ema" / "grid.png").is_file() and not (tmp_path / "ema" / "parts").exists()
+    with np.load(tmp_path / "raw" / "samples.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], sample.to_uint8(sample.generate(raw, labels, seeds, steps=4)))
+    assert not (tmp_path / "raw" / "images").exists()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_write_the_same_npz_as_one(tmp_path):
+    ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(2))
+    args = [str(ckpt), "--num-images", "5", "--classes", "random", "--seed", "3", "--steps", "4",
+            "--batch-size", "2", "--no-png"]
+    sample.main([*args, "--out", str(tmp_path / "one")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "sample.py"),
+                             *args, "--out", str(tmp_path / "two")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on 2 process(es)" in result.stdout
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert a["arr_0"].shape == (5, 8, 8, 3)
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def run_error(argv):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    return str(e.value)
+
+
+def test_bad_input_gets_one_line_errors(tmp_path):
+    ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(0))
+    out = ["--out", str(tmp_path / "o")]
+    msg = run_error([str(tmp_path / "missing.pt"), *out])
+    assert msg.startswith("error: checkpoint not found") and "missing.pt" in msg
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert run_error([str(tmp_path / "junk.pt"), *out]).startswith("error: cannot read checkpoint")
+    assert run_error([str(ckpt), "--classes", "3,10", *out]) == \
+        "error: class ids [10] out of range 0..9 (this model has 10 classes)"
+    assert "--num-images must be >= 1" in run_error([str(ckpt), "--num-images", "0", *out])
+    assert "--steps must be >= 3" in run_error([str(ckpt), "--steps", "2", *out])
+    assert "--cfg-scale must be >= 0" in run_error([str(ckpt), "--cfg-scale", "-1", *out])
+    assert "--decay-power must be > 0" in run_error([str(ckpt), "--decay-power", "0", *out])
+    for msg in (run_error([str(tmp_path / "missing.pt"), *out]), run_error([str(ckpt), "--classes", "1-x", *out])):
+        assert "\n" not in msg
+    with pytest.raises(ValueError, match="3 labels but 2 seeds"):
+        sample.generate(tiny_model(0), [1, 2, 3], [0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        sample.generate(tiny_model(0), [-1], [0])
