@@ -1,24 +1,45 @@
-"""Checkpoint files: atomic writes and safe reads (shared by train.py, sample.py and dimr.py).
+"""Files that must never be half-written, and checkpoints read without unpickling code.
 
-A checkpoint is a plain dict of tensors and Python values (config dict, step, RNG states, ...),
-written to a temporary file beside the target and renamed over it, so a crash or preemption
-mid-write never leaves a truncated checkpoint; it is read with weights_only=True (no pickled code).
+Every file the project writes for later use (checkpoints, statistics, sample .npz, latent shards,
+run logs) goes through `atomic_write`: it is written to a temporary file beside the target,
+flushed to disk and renamed over it, so a crash or preemption mid-write leaves the previous file
+intact. Checkpoints are plain dicts of tensors and Python values (config dict, step, RNG states)
+read with weights_only=True.
 """
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 
-def save(obj, path):
+@contextlib.contextmanager
+def atomic_write(path, suffix=""):
+    """Yield a temporary path beside `path`; when the block succeeds, fsync it and rename it over
+    `path` (`suffix` keeps an extension that a writer such as np.savez insists on)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
     try:
-        torch.save(obj, tmp)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def save(obj, path):
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports an unwritable path as RuntimeError
+        raise OSError(f"cannot write checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
 
 
 def load(path, map_location="cpu"):

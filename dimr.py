@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import checkpoints
-from td_ln import TDLayerNorm, TDRMSNorm, time_input
+from td_ln import TDLayerNorm, TDRMSNorm, per_sample, time_input
 
 NORMS = ("td", "adaln_zero", "ln")  # Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
 MLPS = ("glu", "gelu")              # Table 5: GLU with hidden 2D, or the usual 4D GELU MLP
+TIME_EMBED_DIM = 256                # DiT's sinusoidal time embedding (adaLN-Zero ablation only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,6 +59,13 @@ class DiMRConfig:
         problems = []
         if R < 1 or len(self.widths) != R:
             problems.append(f"depths {self.depths} and widths {self.widths} must have one entry per branch")
+        sizes = dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
+                     patch_size=self.patch_size, num_heads=self.num_heads)
+        problems += [f"{k} must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
+        problems += [f"{k} must all be >= 1, got {v}" for k, v in (("depths", self.depths), ("widths", self.widths))
+                     if min(v, default=1) < 1]
+        if problems:  # the structural checks below divide by these sizes
+            raise ValueError("bad DiMR config: " + "; ".join(problems))
         if self.norm not in NORMS:
             problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.mlp not in MLPS:
@@ -114,10 +122,6 @@ def config_from_dict(d):
 # ----------------------------------------------------------------------------------------------
 # Norms: TD-LN (default) and the two alternatives of Table 5, all called as norm(x, cond)
 
-def _per_sample(v, x):  # (B, D) -> broadcastable against channels-last x of rank x.dim()
-    return v.view(v.shape[0], *([1] * (x.dim() - 2)), v.shape[1])
-
-
 class LayerNorm(nn.LayerNorm):
     """Plain LN (U-ViT): time-independent; time enters as a token instead."""
 
@@ -137,7 +141,7 @@ class AdaLN(nn.Module):
 
     def forward(self, x, c):                               # c: (B, cond_dim) = SiLU(t_emb + y_emb)
         shift, scale = self.modulation(c).chunk(2, dim=-1)
-        return self.norm(x) * (1 + _per_sample(scale, x)) + _per_sample(shift, x)
+        return self.norm(x) * (1 + per_sample(scale, x)) + per_sample(shift, x)
 
 
 def make_norm(kind, dim, cond_dim, pre_norm):
@@ -164,7 +168,7 @@ class Gates(nn.Module):
 
 
 def residual(x, h, gate):
-    return x + h if gate is None else x + _per_sample(gate, h) * h
+    return x + h if gate is None else x + per_sample(gate, h) * h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +367,7 @@ class DiMR(nn.Module):
         D1 = cfg.widths[0]
         self.class_embed = nn.Embedding(cfg.num_classes + 1, D1)            # last row: null class
         if cfg.norm == "adaln_zero":  # DiT: c = t_emb + y_emb conditions every norm
-            self.time_embed = nn.Sequential(nn.Linear(256, D1), nn.SiLU(), nn.Linear(D1, D1))
+            self.time_embed = nn.Sequential(nn.Linear(TIME_EMBED_DIM, D1), nn.SiLU(), nn.Linear(D1, D1))
         self.branches = nn.ModuleList(Branch(cfg, r, D1) for r in range(cfg.num_branches))
         self.reset_parameters()
 
@@ -400,7 +404,7 @@ class DiMR(nn.Module):
             raise ValueError(f"t must be a float tensor [{B}] of DDPM steps, got {t.dtype} {list(t.shape)}")
         if y.shape != (B,) or y.dtype != torch.long:
             raise ValueError(f"y must be an int64 tensor [{B}] of class ids, got {y.dtype} {list(y.shape)}")
-        if ((y < 0) | (y > cfg.num_classes)).any():
+        if not torch.compiler.is_compiling() and ((y < 0) | (y > cfg.num_classes)).any():
             bad = y[(y < 0) | (y > cfg.num_classes)].tolist()
             raise ValueError(f"class ids {bad[:5]} out of range 0..{cfg.num_classes} "
                              f"({cfg.num_classes} is the null class)")
@@ -413,7 +417,7 @@ class DiMR(nn.Module):
         if self.config.norm == "ln":   # U-ViT: a sinusoidal time token and a class token
             t_emb = timestep_embedding(t, y_emb.shape[-1])
             return None, torch.stack([t_emb, y_emb], dim=1)                 # (B, 2, D1)
-        c = F.silu(self.time_embed(timestep_embedding(t, 256)) + y_emb)    # DiT: no extra tokens
+        c = F.silu(self.time_embed(timestep_embedding(t, TIME_EMBED_DIM)) + y_emb)    # DiT: no extra tokens
         return c, y_emb.new_empty(y_emb.shape[0], 0, y_emb.shape[1])    # (B, 0, D1)
 
     def forward(self, x, t, y):
@@ -433,7 +437,10 @@ def load_model(path, weights="ema", device="cpu"):
     """Rebuild a DiMR from one of our checkpoints (train.py or `dimr.py convert`)."""
     ckpt = checkpoints.load(path)
     if "config" not in ckpt or weights not in ckpt:
-        raise ValueError(f"{path}: not a DiMR checkpoint with '{weights}' weights (keys: {sorted(ckpt)})")
+        hint = ("; it looks like the authors' release: convert it with `python dimr.py convert`"
+                if any(str(k).startswith("stages.") for k in ckpt) else "")
+        raise ValueError(f"{path}: not a DiMR checkpoint with '{weights}' weights "
+                         f"({len(ckpt)} keys, e.g. {', '.join(map(str, list(ckpt)[:3]))}){hint}")
     model = DiMR(config_from_dict(ckpt["config"]))
     load_state_dict_strict(model, ckpt[weights], source=str(path))
     return model.to(device).eval(), ckpt

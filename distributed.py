@@ -2,12 +2,17 @@
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (also across nodes);
 without them we run as a single process and every collective below is a no-op.
-Backend: NCCL on CUDA, gloo on CPU.
+Backend: NCCL on CUDA, gloo on CPU. The collective timeout is an hour, not NCCL's 10 minutes:
+rank 0 alone writes multi-GB checkpoints and sample files while the other ranks wait for it.
 """
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+
+TIMEOUT = datetime.timedelta(hours=1)
 
 
 def init():
@@ -15,9 +20,10 @@ def init():
     if "RANK" in os.environ and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+            dist.init_process_group("nccl", timeout=TIMEOUT,
+                                    device_id=torch.device("cuda", torch.cuda.current_device()))
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=TIMEOUT)
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -50,15 +56,6 @@ def all_reduce_mean(x):
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size()
-
-
-def all_gather_cat(x):
-    """Concatenate equally shaped tensors of all ranks along dim 0, in rank order."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 def shutdown():

@@ -49,7 +49,7 @@ class TimeDependentParameter(nn.Module):
         return self.p1 + s * (self.p0 - self.p1)                      # (B, dim)
 
 
-def _per_sample(v, x):
+def per_sample(v, x):
     """(B, D) -> (B, 1, ..., 1, D), broadcastable against channels-last x of any rank."""
     return v.view(v.shape[0], *([1] * (x.dim() - 2)), v.shape[1])
 
@@ -64,7 +64,7 @@ class TDRMSNorm(nn.Module):
     def forward(self, x, t):                                          # x: (B, ..., D), t~: (B,)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32 under autocast
         rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
-        return (xf / (rms + RMS_EPS)).type_as(x) * _per_sample(self.gamma(t), x).type_as(x)
+        return (xf / (rms + RMS_EPS)).type_as(x) * per_sample(self.gamma(t), x).type_as(x)
 
 
 class TDLayerNorm(nn.Module):
@@ -77,4 +77,4 @@ class TDLayerNorm(nn.Module):
 
     def forward(self, x, t):                                          # x: (B, ..., D), t~: (B,)
         x = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-        return x * _per_sample(self.gamma(t), x) + _per_sample(self.beta(t), x)
+        return x * per_sample(self.gamma(t), x) + per_sample(self.beta(t), x)
