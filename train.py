@@ -1,7 +1,7 @@
 """Training DiMR with plain torch.distributed (paper Sec. 3.2 and Sec. 4, the release's settings).
 
     python train.py                                              # the digits demo, CPU, < 10 minutes
-    torchrun --nproc_per_node=8 train.py --variant m --data /imagenet/train   # DiMR-M/3R, ImageNet 64
+    torchrun --nproc_per_node=8 train.py --variant m --data imagenet64/       # DiMR-M/3R, Imagenet64_train_part*.npz
     torchrun --nproc_per_node=8 train.py --variant xl --data latents/         # DiMR-XL/2R, ImageNet 256
     python train.py --resume runs/000-DiMR-S-2R                  # continue a run where it stopped
 
@@ -60,6 +60,7 @@ import distributed
 import fid
 import sample
 import vae as vae_lib
+from progress import format_seconds
 
 # The release's recipe, and the digits demo's for the 1.2M-parameter DiMR-S/2R: 2,000 steps take
 # 6.3 minutes on 2 idle cores; a busy CPU stops earlier, at 7.5 minutes. Measured (class accuracy of
@@ -67,7 +68,7 @@ import vae as vae_lib
 # (0.9, 0.99), lr 3e-3 85% and 5e-3 85%. With this recipe 200 samples scored 100% at 1,500 and 2,000 steps.
 PAPER_RECIPE = dict(batch_size=1024, lr=2e-4, warmup=5000, weight_decay=0.03, betas=[0.99, 0.99], ema=0.9999,
                     class_dropout=0.1, steps=1_000_000, minutes=None, grad_checkpointing=True,
-                    log_every=100, sample_every=10_000, ckpt_every=10_000, guidance=1 + sample.RELEASE_CFG_SCALE)
+                    log_every=100, sample_every=10_000, ckpt_every=10_000, cfg_scale=sample.RELEASE_CFG_SCALE)
 RECIPES = {
     "DiMR-M/3R": dict(PAPER_RECIPE, lr=3e-4, steps=300_000),   # ImageNet 64: 3e-4, 300K steps
     "DiMR-L/3R": dict(PAPER_RECIPE, lr=3e-4, steps=300_000),
@@ -76,10 +77,10 @@ RECIPES = {
     "DiMR-XL/3R": PAPER_RECIPE,
     "DiMR-S/2R": dict(PAPER_RECIPE, batch_size=64, lr=3e-3, betas=[0.9, 0.99], warmup=100, ema=0.995, steps=2000,
                       minutes=7.5, grad_checkpointing=False, log_every=100, sample_every=1000, ckpt_every=500,
-                      guidance=2.0),
+                      cfg_scale=1.0),  # s = 1: the usual guidance scale w = 1 + s = 2
 }
-PAPER_DATA = {"DiMR-M/3R": "ImageNet 64x64 (a class-per-folder image directory)",
-              "DiMR-L/3R": "ImageNet 64x64 (a class-per-folder image directory)",
+PAPER_DATA = {"DiMR-M/3R": "ImageNet 64x64 (a directory of downsampled ImageNet Imagenet64_train_part*.npz)",
+              "DiMR-L/3R": "ImageNet 64x64 (a directory of downsampled ImageNet Imagenet64_train_part*.npz)",
               "DiMR-XL/2R": "ImageNet 256 latents (extract_latents.py)",
               "DiMR-G/2R": "ImageNet 256 latents (extract_latents.py)",
               "DiMR-XL/3R": "ImageNet 512 latents (extract_latents.py)"}
@@ -88,11 +89,13 @@ RUN_KEYS = ("variant", "arch", "data", "image_size", "num_classes", "batch_size"
             "weight_decay", "betas", "ema", "class_dropout", "grad_clip", "precision", "seed")
 ARCH_KEYS = ("patch_size", "depths", "widths", "num_heads", "norm", "mlp")  # what --arch may change
 IMAGENET_GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes
+GRID_CLASSES = 10  # other data: the grid shows the first ten classes
+GRID_PER_CLASS_FEW = 10  # images per class in the sample grids with at most GRID_CLASSES classes (digits: 10 x 10)
+GRID_PER_CLASS_MANY = 4  # ... with more classes (ImageNet: DiT's 8 classes x 4)
 SAMPLE_STEPS = 25       # DPM-Solver evaluations for the sample grids and the demo's evaluation
 # Defaults of the options that are the same for every variant (eval_per_class: 200 digit samples).
 COMMON_DEFAULTS = dict(seed=0, results_dir="runs", keep=3, eval_per_class=20, vae=vae_lib.DEFAULT_VAE, workers=8,
                        compile=False)
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +112,8 @@ def build_parser():
             f"wd {r['weight_decay']:g}, warm-up {r['warmup']}, EMA {r['ema']:g}, class dropout {r['class_dropout']:g},\n"
             f"  {'':<11} {r['steps']:,} steps" + (f" or {r['minutes']:g} minutes" if r["minutes"] else "")
             + f", grad checkpointing {'on' if r['grad_checkpointing'] else 'off'}, log / sample / checkpoint every "
-            f"{r['log_every']} / {r['sample_every']} / {r['ckpt_every']} steps, grid guidance {r['guidance']:g}"
+            f"{r['log_every']} / {r['sample_every']} / {r['ckpt_every']} steps, grid cfg-scale {r['cfg_scale']:g} "
+            f"(guidance scale {1 + r['cfg_scale']:g})"
             for name, r in RECIPES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
@@ -119,12 +123,14 @@ def build_parser():
     g.add_argument("--arch", nargs="+", metavar="KEY=VALUE",
                    help=f"override the variant's architecture ({', '.join(ARCH_KEYS)}), e.g. widths=64,32 depths=3,2 "
                         "num_heads=2, or norm=adaln_zero mlp=gelu for the Table 5 ablations")
-    g.add_argument("--data", help="'digits' (default for s), a class-per-folder image directory (ADM center crop, "
-                                  "random flips), or VAE latents: .npz / X.npy with X_labels.npy / a directory of "
-                                  "shard_00000.npz, ... (see data.py)")
+    g.add_argument("--data", help="'digits' (default for s); downsampled ImageNet: a directory of "
+                                  "Imagenet64_train_part*.npz (its *train*.npz files) or one such file, random flips; "
+                                  "a class-per-folder image directory (ADM center crop, random flips); or VAE "
+                                  "latents: .npz / X.npy with X_labels.npy / a directory of shard_00000.npz, ... "
+                                  "(see data.py)")
     g.add_argument("--image-size", type=int,
                    help="digits: 8 (native, default), 16 or 32 (upsampled, ~4x the cost per doubling); image "
-                        "folder: crop size (default the variant's input size)")
+                        "folder: crop size (default the variant's input size); other data: their stored size")
     g.add_argument("--num-classes", type=int,
                    help="classes of latent data (default the variant's, 1000); folders and digits know theirs")
     g = p.add_argument_group("optimisation")
@@ -139,7 +145,7 @@ def build_parser():
     g.add_argument("--ema", type=float, help="EMA decay per step of the weights used for sampling")
     g.add_argument("--class-dropout", type=float, help="probability of replacing a label by the null class")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default: no clipping)")
-    g.add_argument("--precision", choices=tuple(AMP_DTYPES),
+    g.add_argument("--precision", choices=tuple(sample.PRECISIONS),
                    help="fp32, bf16 autocast, or fp16 autocast with a GradScaler (default bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute each block in the backward pass (default on for the paper variants)")
@@ -158,8 +164,9 @@ def build_parser():
     g.add_argument("--sample-every", type=int, help="steps per EMA sample grid (0: none)")
     g.add_argument("--ckpt-every", type=int, help="steps per checkpoint (also written at the end and on SIGTERM)")
     g.add_argument("--keep", type=int, help=f"checkpoints kept (default {COMMON_DEFAULTS['keep']})")
-    g.add_argument("--guidance", type=float,
-                   help="guidance scale w of the sample grids, eps_u + w (eps_c - eps_u) (the release's s = w - 1)")
+    g.add_argument("--cfg-scale", type=float,
+                   help="classifier-free guidance s of the sample grids (and the digits evaluation) in the release's "
+                        "convention eps = eps_c + s (eps_c - eps_u) (= guidance scale 1 + s); 0 = none; as sample.py")
     g.add_argument("--eval-per-class", type=int,
                    help=f"digits only: samples per class for the final class-accuracy evaluation "
                         f"(default {COMMON_DEFAULTS['eval_per_class']}; 0: none)")
@@ -252,7 +259,7 @@ def resolve_options(args):
 def check_options(o):
     rules = [("batch_size", 1), ("micro_batch", 1), ("lr", 0), ("warmup", 0), ("weight_decay", 0), ("ema", 0),
              ("class_dropout", 0), ("grad_clip", 0), ("steps", 1), ("minutes", 0), ("log_every", 1),
-             ("sample_every", 0), ("ckpt_every", 1), ("keep", 1), ("guidance", 1), ("eval_per_class", 0),
+             ("sample_every", 0), ("ckpt_every", 1), ("keep", 1), ("cfg_scale", 0), ("eval_per_class", 0),
              ("workers", 0), ("threads", 1), ("image_size", 1), ("num_classes", 1), ("seed", 0)]
     problems = [f"--{k.replace('_', '-')} must be >= {lo}, got {o[k]}" for k, lo in rules
                 if o[k] is not None and o[k] < lo]
@@ -413,15 +420,18 @@ def plot_loss(stats, path, width=720, height=360):
     image.save(path)
 
 
-def grid_labels(num_classes, per_class):
-    """Fixed classes for the sample grids: DiT's eight for ImageNet, else the first ten."""
-    classes = IMAGENET_GRID_CLASSES if num_classes == 1000 else range(min(num_classes, 10))
+def grid_labels(num_classes, per_class=None):
+    """Fixed classes for the sample grids: DiT's eight for ImageNet, else the first ten; per_class
+    images of each (default GRID_PER_CLASS_FEW or _MANY)."""
+    classes = IMAGENET_GRID_CLASSES if num_classes == 1000 else range(min(num_classes, GRID_CLASSES))
+    if per_class is None:
+        per_class = GRID_PER_CLASS_FEW if num_classes <= GRID_CLASSES else GRID_PER_CLASS_MANY
     return np.repeat(np.array(classes, dtype=np.int64), per_class)
 
 
-def sample_grid(ema, labels, guidance, device, vae, path):
+def sample_grid(ema, labels, cfg_scale, device, vae, path):
     """EMA samples of the fixed classes from seeds 0..N-1, saved as a labelled grid; returns uint8 images."""
-    x = sample.generate(ema, labels, range(len(labels)), steps=SAMPLE_STEPS, cfg_scale=guidance - 1,
+    x = sample.generate(ema, labels, range(len(labels)), steps=SAMPLE_STEPS, cfg_scale=cfg_scale,
                         batch_size=len(labels), device=device)
     images = sample.decode_to_uint8(x.to(device), ema.config, vae)
     per_row = int(np.sum(labels == labels[0]))
@@ -446,8 +456,8 @@ def open_run_dir(options, resuming, step, summary):
                                                                                  options["variant"])
     stats_path = run_dir / "stats.jsonl"
     kept = [s for s in read_stats(stats_path) if s["step"] <= step]  # records past the checkpoint are redone
-    stats_path.write_text("".join(json.dumps(s) + "\n" for s in kept))
-    (run_dir / "config.json").write_text(json.dumps({"options": options, **summary}, indent=2) + "\n")
+    checkpoints.write_text(stats_path, "".join(json.dumps(s) + "\n" for s in kept))
+    checkpoints.write_text(run_dir / "config.json", json.dumps({"options": options, **summary}, indent=2) + "\n")
     return run_dir, stats_path
 
 
@@ -536,13 +546,13 @@ def train(args):
     net = torch.compile(model) if options["compile"] else model
     if dist.is_initialized():
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = AMP_DTYPES[options["precision"]]
+    amp_dtype = sample.PRECISIONS[options["precision"]]
     schedule = diffusion.DiscreteSchedule()
     sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank, shuffle=True, seed=options["seed"],
                                  drop_last=True)
     batches = micro_batches(data.dataset, sampler, micro, accum, step, options["workers"] if data.flip else 0,
                             device.type == "cuda")
-    grid = grid_labels(cfg.num_classes, 10 if cfg.num_classes <= 10 else 4)
+    grid = grid_labels(cfg.num_classes)
 
     run_dir, stats_path, vae = None, None, None
     if distributed.is_main():
@@ -607,11 +617,10 @@ def train(args):
                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                     "rng": rng_state(generator)})
             if distributed.is_main() and options["sample_every"] and step % options["sample_every"] == 0:
-                sample_grid(ema, grid, options["guidance"], device, vae, run_dir / "samples" / f"step_{step:07d}.png")
+                sample_grid(ema, grid, options["cfg_scale"], device, vae, run_dir / "samples" / f"step_{step:07d}.png")
             if preempted:
                 distributed.print0(f"stopped by signal at step {step}: wrote {last_ckpt}; continue with "
                                    f"--resume {run_dir}")
-                distributed.barrier()
                 return
             if finished:
                 break
@@ -621,17 +630,16 @@ def train(args):
 
     if distributed.is_main():
         plot_loss(read_stats(stats_path), run_dir / "loss.png")
-        summary = [f"trained {step} steps in {sample.format_seconds(time.time() - start_time)}; "
+        summary = [f"trained {step} steps in {format_seconds(time.time() - start_time)}; "
                    f"checkpoint: {last_ckpt}", f"loss curve: {run_dir / 'loss.png'}"]
         if options["data"] == "digits" and options["eval_per_class"]:
             summary.append(evaluate_digits(ema, options, device, run_dir, step))
         elif options["sample_every"]:
             path = run_dir / "samples" / f"step_{step:07d}.png"
             if not path.is_file():
-                sample_grid(ema, grid, options["guidance"], device, vae, path)
+                sample_grid(ema, grid, options["cfg_scale"], device, vae, path)
             summary.append(f"samples: {path}")
         print("\n".join(summary), flush=True)
-    distributed.barrier()
 
 
 def log_progress(stats_path, tick, step, lr, G, seconds, elapsed, options):
@@ -647,7 +655,7 @@ def log_progress(stats_path, tick, step, lr, G, seconds, elapsed, options):
         eta = min(eta, max(0.0, 60 * options["minutes"] - elapsed))
     print(f"step {step}/{options['steps']}  loss {record['loss']:.4f} "
           f"({', '.join(f'{v:.4f}' for v in record['loss_branches'])})  lr {lr:.2e}  |g| {record['grad_norm']:.3f}  "
-          f"{record['images_per_s']:.1f} img/s  {record['s_per_step']:.3f} s/step  ETA {sample.format_seconds(eta)}",
+          f"{record['images_per_s']:.1f} img/s  {record['s_per_step']:.3f} s/step  ETA {format_seconds(eta)}",
           flush=True)
 
 
@@ -656,14 +664,15 @@ def evaluate_digits(ema, options, device, run_dir, step):
     per_class = options["eval_per_class"]
     labels = grid_labels(ema.config.num_classes, per_class)
     path = run_dir / "samples" / f"final_{step:07d}.png"
-    images = sample_grid(ema, labels, options["guidance"], device, None, path)
+    s = options["cfg_scale"]
+    images = sample_grid(ema, labels, s, device, None, path)
     result = fid.digit_class_accuracy(images, labels)
-    record = {"step": step, "samples": len(labels), "sampler_steps": SAMPLE_STEPS, "guidance": options["guidance"],
+    record = {"step": step, "samples": len(labels), "sampler_steps": SAMPLE_STEPS, "cfg_scale": s,
               "accuracy": result["accuracy"], "per_class": result["per_class"].tolist()}
-    (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
+    checkpoints.write_text(run_dir / "eval.json", json.dumps(record, indent=2) + "\n")
     return (f"class accuracy of {len(labels)} EMA samples ({per_class} per class, {SAMPLE_STEPS} DPM-Solver steps, "
-            f"guidance scale {options['guidance']:g}) by an SVM of the real digits: {100 * result['accuracy']:.1f}%\n"
-            f"samples: {path}")
+            f"guidance scale {1 + s:g}, i.e. cfg-scale s = {s:g}) by an SVM of the real digits: "
+            f"{100 * result['accuracy']:.1f}%\nsamples: {path}")
 
 
 def main(argv=None):

@@ -25,6 +25,9 @@ LATENT_SCALE = 0.18215  # latents = scale * posterior mean (LDM's scale factor f
 LATENT_CHANNELS = 4  # a DiMR config with 4 input channels is a latent model
 DOWNSAMPLE = 8  # image side / latent side (KL-f8)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# Images per VAE call: at 512 px one activation of the decoder's last block is 128 x 512 x 512
+# floats (134 MB per image in fp32) and several are alive at once, so a batch of 64 goes in chunks.
+VAE_CHUNK = 8
 INSTALL_HINT = "pip install -r requirements-latent.txt"
 
 
@@ -58,12 +61,15 @@ def load_vae(name_or_path=DEFAULT_VAE, device="cpu"):
 
 
 @torch.no_grad()
-def encode(vae, images):
-    """Images in [-1, 1] (B, 3, H, W) -> scaled latents (B, 4, H/8, W/8): LATENT_SCALE * posterior mean."""
-    return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * LATENT_SCALE
+def encode(vae, images, chunk=VAE_CHUNK):
+    """Images in [-1, 1] (B, 3, H, W) -> scaled latents (B, 4, H/8, W/8): LATENT_SCALE * posterior mean,
+    `chunk` images per call."""
+    return torch.cat([vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * LATENT_SCALE
+                      for x in images.split(chunk)])
 
 
 @torch.no_grad()
-def decode(vae, latents):
-    """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clipped)."""
-    return vae.decode(latents.to(vae.device, vae.dtype) / LATENT_SCALE).sample
+def decode(vae, latents, chunk=VAE_CHUNK):
+    """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clipped),
+    `chunk` latents per call."""
+    return torch.cat([vae.decode(z.to(vae.device, vae.dtype) / LATENT_SCALE).sample for z in latents.split(chunk)])

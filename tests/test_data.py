@@ -1,5 +1,11 @@
-"""Training data: digits against scikit-learn's own arrays, ADM's center crop against closed forms,
-image folders of known colours, and the three latent layouts the extractor may write."""
+"""Training data: digits against scikit-learn's own arrays, downsampled ImageNet against images
+flattened by hand, ADM's center crop against closed forms, image folders of known colours, the three
+latent layouts the extractor may write, and the warning about per-process copies under torchrun."""
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +22,12 @@ def test_digits_are_sklearn_digits_in_model_space():
     assert x.shape == (1797, 1, 8, 8) and d.num_classes == 10 and not d.flip
     np.testing.assert_allclose(x[:, 0].numpy(), ref.images / 16 * 2 - 1, atol=1e-7)
     assert torch.equal(y, torch.from_numpy(ref.target).long())
+
+
+def test_loading_data_does_not_import_the_fid_code():
+    code = "import sys, data; print(sorted(m for m in ('fid', 'scipy') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parent, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
 
 
 def test_digits_upsampled():
@@ -99,10 +111,13 @@ def test_latents_npz_shards_and_npy_agree(tmp_path):
     assert data.labels_npy_path(tmp_path / "lat.npy").name == "lat_labels.npy"
     for path in ("all.npz", "shards", "lat.npy"):
         x, y = data.load_latents(tmp_path / path)
-        assert x.dtype == torch.float16 and np.array_equal(x.numpy(), lat)
-        assert y.dtype == torch.int64 and np.array_equal(y.numpy(), labels)
+        assert x.dtype == np.float16 and np.array_equal(x, lat)
+        assert y.dtype == np.int64 and np.array_equal(y, labels)
+        assert isinstance(x, np.memmap) == (path == "lat.npy")  # the .npy is shared through the page cache
         d = data.open_data(str(tmp_path / path), num_classes=7)
-        item, label = d.dataset[3]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. torch.from_numpy on a read-only memory map
+            item, label = d.dataset[3]
         assert d.channels == 4 and d.image_size == 4 and d.num_classes == 7 and not d.flip
         assert item.dtype == torch.float32 and np.array_equal(item.numpy(), lat[3].astype(np.float32))
         assert label == labels[3]
@@ -137,3 +152,74 @@ def test_open_data_errors(tmp_path):
         data.open_data(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--num-classes applies to latents only"):
         data.open_data("digits", num_classes=10)
+
+
+def test_arrays_held_by_every_process_are_reported_once_under_torchrun(tmp_path, monkeypatch, capsys):
+    lat, labels = latent_arrays()
+    np.savez(tmp_path / "all.npz", latents=lat, labels=labels)
+    np.save(tmp_path / "lat.npy", lat)
+    np.save(data.labels_npy_path(tmp_path / "lat.npy"), labels)
+    data.open_data(str(tmp_path / "all.npz"), num_classes=7)
+    assert capsys.readouterr().err == ""                               # one process: nothing to say
+    monkeypatch.setattr(data.distributed, "world_size", lambda: 8)
+    data.open_data(str(tmp_path / "all.npz"), num_classes=7)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: every one of the 8 processes holds all of") and err.count("\n") == 1
+    assert "extract_latents.py --npy" in err
+    data.open_data(str(tmp_path / "lat.npy"), num_classes=7)
+    assert capsys.readouterr().err == ""                               # memory-mapped: shared
+
+
+# ----------------------------------------------------------------------------------------------
+# Downsampled ImageNet (Chrabaszcz et al. 2017): data uint8 [N, 3*S*S] = R, G, B planes, row-major
+
+S = 64
+
+
+def write_downsampled(path, rows, labels):
+    np.savez(path, data=np.asarray(rows, dtype=np.uint8), labels=np.asarray(labels),
+             mean=np.zeros(3 * S * S))  # the training files also carry the mean image, unused
+
+
+def test_downsampled_imagenet_decodes_the_plane_layout(tmp_path):
+    # Image 0 by hand: black but for red 200 and green 100 at (row 5, column 7), blue 50 at (63, 0).
+    hand = np.zeros(3 * S * S, np.uint8)
+    hand[0 * S * S + 5 * S + 7] = 200
+    hand[1 * S * S + 5 * S + 7] = 100
+    hand[2 * S * S + 63 * S + 0] = 50
+    photos = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)   # (N, H, W, RGB)
+    planes = [np.concatenate([p[:, :, c].reshape(-1) for c in range(3)]) for p in photos]
+    root = tmp_path / "Imagenet64_train"
+    root.mkdir()
+    write_downsampled(root / "Imagenet64_train_part1.npz", [hand, planes[0]], [1, 1000])
+    write_downsampled(root / "Imagenet64_train_part2.npz", [planes[1]], [7])
+    write_downsampled(root / "Imagenet64_val.npz", [planes[0]], [3])            # not training data
+
+    d = data.open_data(str(root))
+    assert (len(d.dataset), d.num_classes, d.image_size, d.channels, d.flip) == (3, 1000, S, 3, True)
+    assert [d.dataset[i][1] for i in range(3)] == [0, 999, 6]                  # 1-based -> 0-based
+    x, _ = d.dataset[0]
+    expected = -torch.ones(3, S, S)
+    expected[0, 5, 7], expected[1, 5, 7], expected[2, 63, 0] = 200 / 127.5 - 1, 100 / 127.5 - 1, 50 / 127.5 - 1
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+    for i, photo in zip((1, 2), photos):
+        torch.testing.assert_close(d.dataset[i][0].permute(1, 2, 0), torch.from_numpy(photo / 127.5 - 1).float(),
+                                   rtol=0, atol=1e-6)
+    single = data.open_data(str(root / "Imagenet64_train_part2.npz"), image_size=S)
+    assert len(single.dataset) == 1 and single.dataset[0][1] == 6
+
+
+def test_downsampled_imagenet_errors(tmp_path):
+    row = np.zeros(3 * S * S, np.uint8)
+    write_downsampled(tmp_path / "train_zero.npz", [row], [0])
+    with pytest.raises(ValueError, match=r"class ids in 1..1000 \(1-based\)"):
+        data.open_data(str(tmp_path / "train_zero.npz"))
+    write_downsampled(tmp_path / "train_ok.npz", [row], [1])
+    with pytest.raises(ValueError, match="--image-size 32: .* holds 64x64 images"):
+        data.open_data(str(tmp_path / "train_ok.npz"), image_size=32)
+    with pytest.raises(ValueError, match="--num-classes applies to latents only"):
+        data.open_data(str(tmp_path / "train_ok.npz"), num_classes=1000)
+    np.savez(tmp_path / "train_odd.npz", data=np.zeros((1, 100), np.uint8), labels=[1])
+    with pytest.raises(ValueError, match=r"data must be uint8 \[N, 3\*S\*S\]"):
+        data.open_data(str(tmp_path / "train_odd.npz"))

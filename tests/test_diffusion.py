@@ -97,6 +97,10 @@ def test_q_sample():
     expected = np.sqrt(ALPHA_BAR[n - 1])[:, None, None, None] * x0.numpy() \
         + np.sqrt(1 - ALPHA_BAR[n - 1])[:, None, None, None] * eps.numpy()
     np.testing.assert_allclose(ns.q_sample(x0, n, eps).numpy(), expected, rtol=1e-5, atol=1e-6)
+    # float64 data after a float32 call: the coefficient tables are kept per dtype, not rounded to float32
+    out64 = ns.q_sample(x0.double(), n, eps.double())
+    assert out64.dtype == torch.float64
+    np.testing.assert_allclose(out64.numpy(), expected, rtol=1e-12, atol=1e-14)
     for bad in (torch.tensor([0, 1, 2]), torch.tensor([1, 2, 1001])):
         with pytest.raises(ValueError, match="1..1000"):
             ns.q_sample(x0, bad, eps)
@@ -203,6 +207,22 @@ def test_guidance_release_convention():
     torch.testing.assert_close(out, eps_c + 0.4 * (eps_c - eps_u))
     torch.testing.assert_close(out, eps_u + 1.4 * (eps_c - eps_u))  # the usual w = 1 + s
     assert model.batches == [6]  # one batched forward for both halves
+
+
+def test_guidance_combines_low_precision_outputs_in_float32():
+    """Under bf16 autocast the network returns bf16; eps_c + s (eps_c - eps_u) is formed in float32
+    from those bf16 values (in bf16, the difference and the sum would each round to 8 bits)."""
+    g = torch.Generator().manual_seed(0)
+    eps_c, eps_u = (1 + 0.01 * torch.randn(2, 3, 4, 4, generator=g)).bfloat16().chunk(2)
+
+    def model(x, n, y):
+        return [torch.cat([eps_c, eps_u])]
+
+    out = diffusion.guided_eps_fn(model, torch.tensor([0]), 0.4, 5)(torch.zeros(1, 3, 4, 4), torch.tensor([500.0]))
+    expected = eps_c.float() + 0.4 * (eps_c.float() - eps_u.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert (expected.bfloat16().float() != expected).any()  # bf16 could not have held the result
 
 
 def test_power_cosine_schedule_endpoints():

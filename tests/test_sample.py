@@ -1,7 +1,8 @@
-"""sample.py: per-image seeds, the ADM .npz layout, the split of indices over processes, errors."""
+"""sample.py: per-image seeds (DPM-Solver and DDPM), the ADM .npz layout, the split of indices over
+processes, the CLI against a hand-written sampling loop, errors."""
 import dataclasses
+import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from PIL import Image
 import checkpoints
 import dimr
 import sample
+from diffusion import dpm_solver_sample
+from util import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(widths=(32, 16), depths=(2, 2), num_heads=2)  # DiMR-S/2R shape, 8x8x1, 10 classes
@@ -70,6 +73,25 @@ def test_generate_starts_image_i_from_seed_i(method, order, skip):
         x_T = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s))
         torch.testing.assert_close(x[i], x_T * factor, rtol=1e-5, atol=1e-5)
     assert not torch.equal(x[0], x[1])
+
+
+def test_ddpm_draws_each_images_step_noise_after_its_x_T():
+    """With eps = 0 a DDPM step is x_{n-1} = x_n / sqrt(1 - beta_n) + sqrt(beta~_n) z, written out here
+    image by image, z drawn from the image's own generator right after its x_T."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    alpha_bar = np.cumprod(1 - betas)
+    seeds = [5, 9, 5]
+    x = sample.generate(ZeroEps(), [0, 1, 2], seeds, method="ddpm", batch_size=2)  # image 2 in another batch
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        ref = torch.randn(3, 4, 4, generator=g).double()
+        for n in range(1000, 0, -1):
+            ref = ref / math.sqrt(1 - betas[n - 1])
+            if n > 1:
+                posterior_var = betas[n - 1] * (1 - alpha_bar[n - 2]) / (1 - alpha_bar[n - 1])
+                ref = ref + math.sqrt(posterior_var) * torch.randn(3, 4, 4, generator=g).double()
+        torch.testing.assert_close(x[i], ref.float(), rtol=1e-4, atol=1e-4)
+    assert (x[0] - x[1]).abs().max() > 1
 
 
 def test_generate_does_not_depend_on_the_batch_an_image_lands_in():
@@ -152,6 +174,24 @@ def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
     assert (label_strip < 128).any()  # the class id is drawn in black under the image
 
 
+def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10):
+    """What the CLI should write, written out: x_T from each seed's generator, the release's guidance
+    eps_c + s (eps_c - eps_u) at its default s = 0.4, DPM-Solver++ (diffusion.py, tested against closed
+    forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey channel repeated."""
+    x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    y = torch.tensor(labels)
+
+    def eps_fn(x, n):
+        out = model(torch.cat([x, x]), torch.cat([n, n]), torch.cat([y, torch.full_like(y, null_class)]))[-1]
+        eps_c, eps_u = out.chunk(2)
+        return eps_c + s * (eps_c - eps_u)
+
+    with torch.no_grad():
+        x = dpm_solver_sample(eps_fn, x_T, steps).double().numpy()          # (N, 1, 8, 8)
+    pixels = np.clip(np.floor(127.5 * x + 128.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.repeat(pixels, 3, axis=3)
+
+
 def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
     raw, ema = tiny_model(0), tiny_model(1)
     ckpt = save_ckpt(tmp_path / "c.pt", raw, ema)
@@ -164,19 +204,14 @@ def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
         arr, lab = f["arr_0"], f["labels"]
     assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(lab, labels)
-    np.testing.assert_array_equal(arr, sample.to_uint8(sample.generate(ema, labels, seeds, steps=4)))
+    np.testing.assert_array_equal(arr, hand_sampled_uint8(ema, labels, seeds, steps=4))
     for i in range(5):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ema" / "images" / f"{i:06d}.png")), arr[i])
     assert (tmp_path / "ema" / "grid.png").is_file() and not (tmp_path / "ema" / "parts").exists()
     with np.load(tmp_path / "raw" / "samples.npz") as f:
-        np.testing.assert_array_equal(f["arr_0"], sample.to_uint8(sample.generate(raw, labels, seeds, steps=4)))
+        np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(raw, labels, seeds, steps=4))
     assert not (tmp_path / "raw" / "images").exists()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert sample.build_parser().parse_args([str(ckpt), "--out", "o"]).precision == "fp32"  # on every device
 
 
 def test_two_processes_write_the_same_npz_as_one(tmp_path):
@@ -188,7 +223,7 @@ def test_two_processes_write_the_same_npz_as_one(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "sample.py"),
                              *args, "--out", str(tmp_path / "two")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 2 process(es)" in result.stdout
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
@@ -214,6 +249,8 @@ def test_bad_input_gets_one_line_errors(tmp_path):
         "error: class ids [10] out of range 0..9 (this model has 10 classes)"
     assert "--num-images must be >= 1" in run_error([str(ckpt), "--num-images", "0", *out])
     assert "--steps must be >= 3" in run_error([str(ckpt), "--steps", "2", *out])
+    with pytest.raises(ValueError, match="unknown method 'ddim'"):
+        sample.generate(tiny_model(0), [1], [0], method="ddim")
     assert "--cfg-scale must be >= 0" in run_error([str(ckpt), "--cfg-scale", "-1", *out])
     assert "--decay-power must be > 0" in run_error([str(ckpt), "--decay-power", "0", *out])
     for msg in (run_error([str(tmp_path / "missing.pt"), *out]), run_error([str(ckpt), "--classes", "1-x", *out])):

@@ -6,7 +6,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import checkpoints
 import diffusion
 import dimr
 import train
+from util import free_port
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 TINY = ["--arch", "widths=32,16", "depths=2,2", "num_heads=2"]
@@ -87,12 +87,6 @@ def test_learning_rate_warmup():
 # ----------------------------------------------------------------------------------------------
 # DDP equivalence
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     common = [*TINY, *QUIET, "--steps", "4", "--batch-size", "16", "--lr", "1e-3", "--warmup", "0"]
     single = run(tmp_path, "--steps", "4", "--batch-size", "16", "--lr", "1e-3", "--warmup", "0")
@@ -102,7 +96,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(TRAIN_PY), *common,
            "--results-dir", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "batch 16 = 2 process(es) x 8 x 1" in proc.stdout
     ddp = next((tmp_path / "ddp").iterdir())
@@ -230,8 +224,8 @@ def test_short_demo_lowers_the_loss(tmp_path, capsys):
     run_dir = run(tmp_path, "--steps", "60", "--warmup", "10", "--log-every", "10", "--sample-every", "30",
                   "--eval-per-class", "1")
     out = capsys.readouterr().out
-    assert re.search(r"class accuracy of 10 EMA samples \(1 per class, 25 DPM-Solver steps, guidance scale 2\)"
-                     r" by an SVM of the real digits: \d+\.\d%", out)
+    assert re.search(r"class accuracy of 10 EMA samples \(1 per class, 25 DPM-Solver steps, guidance scale 2, "
+                     r"i\.e\. cfg-scale s = 1\) by an SVM of the real digits: \d+\.\d%", out)
     assert {p.name for p in (run_dir / "samples").iterdir()} == {"step_0000030.png", "step_0000060.png",
                                                                   "final_0000060.png"}
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -240,7 +234,8 @@ def test_short_demo_lowers_the_loss(tmp_path, capsys):
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [10, 20, 30, 40, 50, 60]
     assert set(stats[0]) >= {"loss", "loss_branches", "lr", "grad_norm", "images_per_s", "s_per_step"}
-    assert 0 <= json.loads((run_dir / "eval.json").read_text())["accuracy"] <= 1
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert 0 <= evaluation["accuracy"] <= 1 and evaluation["cfg_scale"] == 1.0
 
     # Measured independently of the logs: the trained weights predict the noise better than the start.
     ckpt = last_checkpoint(run_dir)
