@@ -58,6 +58,12 @@ def all_reduce_mean(x):
     return x / world_size()
 
 
-def shutdown():
+def shutdown(wait=False):
+    """Leave the process group. wait=True (a run that finished normally) first waits for every rank:
+    a rank that tears down its connections while rank 0 still writes files crashes gloo
+    ("terminate called without an active exception"). On an error, leave at once: the others may
+    never reach a barrier."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()

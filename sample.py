@@ -316,10 +316,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
+        distributed.shutdown(wait=True)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    finally:
         distributed.shutdown()
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

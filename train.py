@@ -679,10 +679,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         train(args)
+        distributed.shutdown(wait=True)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
-        sys.exit(f"error: {e}" if distributed.is_main() else 1)
-    finally:
+        main_rank = distributed.is_main()
         distributed.shutdown()
+        sys.exit(f"error: {e}" if main_rank else 1)
 
 
 if __name__ == "__main__":
