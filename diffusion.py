@@ -11,12 +11,9 @@ lambda_t = log(alpha_t / sigma_t) and h = lambda_t - lambda_s. Read top to botto
 2. Multi-scale targets and loss (paper Sec. 3.2).
 3. Classifier-free guidance: the model wrapper that turns DiMR into eps_fn(x, n).
 4. DPM-Solver++ (data prediction), multistep and singlestep, orders 1-3; DDPM ancestral sampling.
-5. `python diffusion.py`: error against the exact probability-flow ODE solution for Gaussian
-   data, for every solver configuration (how the defaults below were chosen).
+How accurately each sampler solves the ODE is measured by sampler_error.py.
 """
-import argparse
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -197,26 +194,19 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
 # ODE from s to t has the exact solution (DPM-Solver++)
 #     x_t = (sigma_t / sigma_s) x_s + sigma_t * int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda.
 # Expanding x0 around lambda_s as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_s) / h, so that
-# D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives
-#     x_t = (sigma_t / sigma_s) x_s - alpha_t phi1 D0 + alpha_t phi2 D1 - alpha_t phi3 D2,
-#     phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2.
-# A solver of order k estimates D0..D_{k-1}: singlestep from extra evaluations inside [s, t]
-# (at lambda_s + r h), multistep from the previous steps' data predictions.
+# D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
+# A solver of order k estimates D0..D_{k-1}: singlestep from extra evaluations inside [s, t],
+# multistep from the previous steps' data predictions.
 
 SPACINGS = ("time_uniform", "time_quadratic", "logSNR")
-METHODS = ("multistep", "singlestep")
+METHODS = ("singlestep", "multistep")
 ORDERS = (1, 2, 3)
 
-# The authors' release: DPM-Solver with data prediction, sample(x, steps, eps=1/1000, T=1) with its
-# defaults order=3, skip_type='time_uniform', method='fast' (= our singlestep order 3).
+# The authors' release: its dpm_solver.py, DPM_Solver(..., predict_x0=True).sample(x, steps,
+# eps=1/1000, T=1) with the defaults order=3, skip_type='time_uniform', method='fast': our
+# singlestep solver on a time-uniform grid (see `singlestep`).
 RELEASE_SAMPLER = dict(order=3, method="singlestep", skip="time_uniform")
-# Our default, chosen with `python diffusion.py` (table in the README): the release's solver with
-# logSNR-uniform segments. On the image-like Gaussian it is the most accurate configuration at 10,
-# 20 and 50 evaluations (14x, 73x, 290x below the release's error), and at 10 evaluations already
-# below the release's error at 50. Multistep order 3 logSNR is up to 2x better when all s lie in
-# [0.5, 2] ('two-scale') but 2-12x worse than this at 10 evaluations when some s exceed ~5. With K
-# time-uniform segments the last one has h ~ 0.5 log(1000 / K) (2.1 at K = 17, 50 evaluations) in
-# the region where detail (small s) forms, so the release's error barely falls past 50 evaluations.
+# Our default, chosen by measurement (README, "Sampler accuracy").
 DEFAULT_SAMPLER = dict(order=3, method="singlestep", skip="logSNR")
 
 
@@ -231,17 +221,16 @@ def time_steps(schedule, skip, num):
         return torch.linspace(t_T, t_0, num + 1, dtype=torch.float64)
     if skip == "time_quadratic":
         return torch.linspace(t_T ** 0.5, t_0 ** 0.5, num + 1, dtype=torch.float64) ** 2
-    if skip == "logSNR":
-        lam = torch.linspace(schedule.lambda_t(t_T).item(), schedule.lambda_t(t_0).item(), num + 1, dtype=torch.float64)
-        return schedule.inverse_lambda(lam)
-    raise ValueError(f"unknown step spacing {skip!r}; choose from {', '.join(SPACINGS)}")
+    lam = torch.linspace(schedule.lambda_t(t_T).item(), schedule.lambda_t(t_0).item(), num + 1,
+                         dtype=torch.float64)
+    return schedule.inverse_lambda(lam)
 
 
 def singlestep_orders(steps, order):
-    """Orders of the singlestep segments, summing to `steps` evaluations (as DPM-Solver's code).
+    """Orders of the singlestep segments, summing to `steps` evaluations (DPM-Solver-fast).
 
-    Order 3 is DPM-Solver-fast: K = steps // 3 + 1 segments, all third order but the last one
-    or two, which are lower order so that the evaluations add up exactly.
+    Order 3: K = steps // 3 + 1 segments, all third order but the last one or two, which are
+    lower order so that the evaluations add up exactly.
     """
     if order == 1:
         return [1] * steps
@@ -251,115 +240,128 @@ def singlestep_orders(steps, order):
     return {0: [3] * (K - 2) + [2, 1], 1: [3] * (K - 1) + [1], 2: [3] * (K - 1) + [2]}[steps % 3]
 
 
-def dpm_solver_sample(eps_fn, x_T, steps, order=DEFAULT_SAMPLER["order"], method=DEFAULT_SAMPLER["method"],
-                      skip=DEFAULT_SAMPLER["skip"], schedule=None, progress=None):
-    """Solve the probability-flow ODE from n = 1000 (t = 1) to n = 1 (t = 1/1000) with DPM-Solver++.
+class DataPrediction:
+    """x0(x, t) = (x - sigma_t eps(x, n)) / alpha_t with n = 1000 t, for the scalar time t.
+
+    Counts the evaluations and reports them to progress(done, steps).
+    """
+
+    def __init__(self, eps_fn, schedule, steps, progress=None):
+        self.eps_fn, self.ns, self.steps, self.progress = eps_fn, schedule, steps, progress
+        self.evals = 0
+
+    def __call__(self, x, t):
+        n_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        eps = self.eps_fn(x, torch.full((x.shape[0],), NUM_TIMESTEPS * float(t), dtype=n_dtype,
+                                        device=x.device))
+        self.evals += 1
+        if self.progress is not None:
+            self.progress(self.evals, self.steps)
+        return (x - float(self.ns.sigma_t(t)) * eps) / float(self.ns.alpha_t(t))
+
+
+def exp_step(ns, x, s, t, D0, D1=0.0, D2=0.0):
+    """The exponential integrator from s to t with x0 ~ D0 + D1 u + D2 u^2 / 2 (DPM-Solver++):
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (phi1 D0 - phi2 D1 + phi3 D2),
+        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2,  h = lambda_t - lambda_s.
+
+    With D1 = D2 = 0 it is DDIM.
+    """
+    h = float(ns.lambda_t(t) - ns.lambda_t(s))
+    phi1 = math.expm1(-h)
+    phi2 = phi1 / h + 1.0
+    phi3 = phi2 / h - 0.5
+    ratio, alpha_t = float(ns.sigma_t(t) / ns.sigma_t(s)), float(ns.alpha_t(t))
+    return ratio * x - alpha_t * (phi1 * D0 - phi2 * D1 + phi3 * D2)
+
+
+def singlestep(x0, ns, x, ts, order):
+    """DPM-Solver++(kS) on the grid ts of `steps` intervals, with singlestep_orders.
+
+    A segment of order k runs from grid point i to i + k and evaluates x0 at its start and at the
+    grid points i + 1 (and i + 2) inside it, at logSNR fractions r1 (and r2) of the segment:
+    1/2 (1/3, 2/3) on a logSNR grid, as in the DPM-Solver papers, and whatever the grid gives on
+    the others. This is what the release's 'fast' method computes.
+    """
+    lam = lambda t: float(ns.lambda_t(t))  # noqa: E731
+    i = 0
+    for k in singlestep_orders(len(ts) - 1, order):
+        s, t = ts[i], ts[i + k]
+        m0 = x0(x, s)
+        if k == 1:  # DDIM
+            x = exp_step(ns, x, s, t, m0)
+        else:  # DDIM to s1, evaluate there
+            s1 = ts[i + 1]
+            r1 = (lam(s1) - lam(s)) / (lam(t) - lam(s))
+            m1 = x0(exp_step(ns, x, s, s1, m0), s1)
+        if k == 2:  # DPM-Solver++(2S): D1 with h/2 ~ -phi1/2 in place of phi2, as the papers do
+            x = exp_step(ns, x, s, t, m0 + (m1 - m0) / (2 * r1))
+        elif k == 3:  # DPM-Solver++(3S): second order to s2, evaluate; D1 from m2 alone
+            s2 = ts[i + 2]
+            r2 = (lam(s2) - lam(s)) / (lam(t) - lam(s))
+            m2 = x0(exp_step(ns, x, s, s2, m0, (r2 / r1) * (m1 - m0)), s2)
+            x = exp_step(ns, x, s, t, m0, (m2 - m0) / r2)  # third order when r2 = 2/3
+        i += k
+    return x
+
+
+def multistep(x0, ns, x, ts, order):
+    """DPM-Solver++(kM): one evaluation per step; the update uses the last k data predictions."""
+    lam = lambda t: float(ns.lambda_t(t))  # noqa: E731
+    history = []  # data predictions at ts[i], ts[i-1], ts[i-2], newest first
+    for i in range(len(ts) - 1):
+        history = [x0(x, ts[i])] + history[:2]
+        s, t = ts[i], ts[i + 1]
+        h = lam(t) - lam(s)
+        k = min(order, i + 1)  # warm-up: too little history for order k yet
+        if k == 1:  # DDIM
+            x_first, x = x, exp_step(ns, x, s, t, history[0])
+        elif k == 2 and order == 3:
+            # A first-order first step would leave third order with an O(h^2) global error: the
+            # DDIM step to ts[1] only served to evaluate there, and x at ts[2] comes from x at
+            # ts[0] by DPM-Solver++(2S) through ts[1].
+            r1 = (lam(ts[1]) - lam(ts[0])) / (lam(ts[2]) - lam(ts[0]))
+            x = exp_step(ns, x_first, ts[0], t, history[1] + (history[0] - history[1]) / (2 * r1))
+        elif k == 2:  # DPM-Solver++(2M), r = (lambda_{i-1} - lambda_s) / h < 0
+            r = (lam(ts[i - 1]) - lam(s)) / h
+            x = exp_step(ns, x, s, t, history[0] + (history[1] - history[0]) / (2 * r))
+        else:  # D1, D2 from backward differences at lambda_s - r0 h and lambda_s - (r0 + r1) h
+            r0 = (lam(s) - lam(ts[i - 1])) / h
+            r1 = (lam(ts[i - 1]) - lam(ts[i - 2])) / h
+            D1_0 = (history[0] - history[1]) / r0  # ~ D1 - (r0 / 2) D2
+            D1_1 = (history[1] - history[2]) / r1  # ~ D1 - (r0 + r1 / 2) D2
+            D2 = (D1_0 - D1_1) * (2.0 / (r0 + r1))
+            x = exp_step(ns, x, s, t, history[0], D1_0 + D2 * (r0 / 2), D2)
+    return x
+
+
+SOLVERS = {"singlestep": singlestep, "multistep": multistep}
+
+
+def dpm_solver_sample(eps_fn, x_T, steps, order=DEFAULT_SAMPLER["order"],
+                      method=DEFAULT_SAMPLER["method"], skip=DEFAULT_SAMPLER["skip"],
+                      schedule=None, progress=None):
+    """Solve the probability-flow ODE from n = 1000 (t = 1) to n = 1 (t = 1/1000).
 
     eps_fn(x, n): noise prediction, n a float tensor [B] on the 0..1000 step scale (n = 1000 t).
-    steps: number of eps_fn evaluations. order: 1, 2 or 3.
-    method: 'multistep', DPM-Solver++(kM): one evaluation per step, the update uses the last k
-      data predictions; or 'singlestep', DPM-Solver++(kS): segments of singlestep_orders, each
-      evaluating at its start and at k - 1 points inside it.
-    skip: spacing of the step (multistep) or segment (singlestep) boundaries, one of SPACINGS.
-    schedule: a DiscreteSchedule (default: the release's). progress(done, steps) is called after
-    each evaluation. Returns x at t = 1/1000 (n = 1), as the release does.
+    steps: number of eps_fn evaluations; order: 1, 2 or 3; method: one of METHODS; skip: the
+    spacing of the time grid, one of SPACINGS. schedule: a DiscreteSchedule (default the
+    release's). progress(done, steps) is called after each evaluation. Returns x at t = 1/1000
+    (n = 1), as the release does.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; choose from {ORDERS}")
-    if skip not in SPACINGS:
-        raise ValueError(f"unknown step spacing {skip!r}; choose from {', '.join(SPACINGS)}")
+    for name, value, choices in (("method", method, METHODS), ("order", order, ORDERS),
+                                 ("step spacing", skip, SPACINGS)):
+        if value not in choices:
+            raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(map(str, choices))}")
     if steps < order:
         raise ValueError(f"steps ({steps}) must be at least the order ({order})")
     ns = DiscreteSchedule() if schedule is None else schedule
-    n_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-    evals = 0
-
-    def x0_pred(x, t):
-        """Data prediction x0 = (x_t - sigma_t eps) / alpha_t at the scalar time t."""
-        nonlocal evals
-        n = NUM_TIMESTEPS * float(t)
-        eps = eps_fn(x, torch.full((x.shape[0],), n, dtype=n_dtype, device=x.device))
-        evals += 1
-        if eps.shape != x.shape:
-            raise ValueError(f"eps_fn returned shape {list(eps.shape)} for x of shape {list(x.shape)}")
-        if not bool(torch.isfinite(eps).all()):
-            raise FloatingPointError(f"eps_fn returned NaN/inf at n = {n:.3f} (evaluation {evals} of {steps})")
-        if progress is not None:
-            progress(evals, steps)
-        return (x - float(ns.sigma_t(t)) * eps) / float(ns.alpha_t(t))
-
-    def lam(t):
-        return float(ns.lambda_t(t))
-
-    def taylor_step(x, s, t, D0, D1=0.0, D2=0.0):
-        """The expansion above from s to t; first order (DDIM) when D1 = D2 = 0."""
-        h = lam(t) - lam(s)
-        phi1 = math.expm1(-h)
-        phi2 = phi1 / h + 1.0
-        phi3 = phi2 / h - 0.5
-        alpha_t = float(ns.alpha_t(t))
-        return float(ns.sigma_t(t) / ns.sigma_t(s)) * x - alpha_t * (phi1 * D0 - phi2 * D1 + phi3 * D2)
-
-    def second_order_step(x, s, t, m0, m1, r):
-        """DPM-Solver++(2S) / (2M): m0 at lambda_s, m1 at lambda_s + r h (r < 0: a previous step).
-
-        x_t = (sigma_t / sigma_s) x_s - alpha_t phi1 (m0 + (m1 - m0) / (2 r)): the D1 term with
-        h/2 ~ -phi1/2 in place of phi2, as in the papers' algorithms.
-        """
-        return taylor_step(x, s, t, m0 + (m1 - m0) / (2 * r))
-
-    def t_at(s, t, r):
-        """The time at logSNR fraction r of the step from s to t."""
-        return ns.inverse_lambda(lam(s) + r * (lam(t) - lam(s)))
-
-    if method == "multistep":
-        ts = time_steps(ns, skip, steps)
-        x, history = x_T, []  # data predictions at ts[i], ts[i-1], ts[i-2], newest first
-        for i in range(steps):
-            history = [x0_pred(x, ts[i])] + history[:2]
-            s, t = ts[i], ts[i + 1]
-            h = lam(t) - lam(s)
-            k = min(order, i + 1)  # warm-up: too little history for order k yet
-            if k == 1:  # DDIM
-                x_first, x = x, taylor_step(x, s, t, history[0])
-            elif k == 2 and order == 3:
-                # A first-order first step has local error O(h^2), which would leave third order
-                # with an O(h^2) global error: the DDIM step to ts[1] only served to evaluate
-                # there, and x at ts[2] comes from x at ts[0] by DPM-Solver++(2S) through ts[1].
-                r1 = (lam(ts[1]) - lam(ts[0])) / (lam(ts[2]) - lam(ts[0]))
-                x = second_order_step(x_first, ts[0], t, history[1], history[0], r1)
-            elif k == 2:  # DPM-Solver++(2M)
-                x = second_order_step(x, s, t, history[0], history[1], (lam(ts[i - 1]) - lam(s)) / h)
-            else:  # third order: D1, D2 from backward differences at lambda_s - r0 h, - (r0 + r1) h
-                r0 = (lam(s) - lam(ts[i - 1])) / h
-                r1 = (lam(ts[i - 1]) - lam(ts[i - 2])) / h
-                D1_0 = (history[0] - history[1]) / r0  # ~ D1 - (r0 / 2) D2
-                D1_1 = (history[1] - history[2]) / r1  # ~ D1 - (r0 + r1 / 2) D2
-                D2 = (D1_0 - D1_1) * (2.0 / (r0 + r1))
-                x = taylor_step(x, s, t, history[0], D1_0 + D2 * (r0 / 2), D2)
-        return x
-
-    orders = singlestep_orders(steps, order)
-    ts = time_steps(ns, skip, len(orders))
-    x = x_T
-    for i, k in enumerate(orders):
-        s, t = ts[i], ts[i + 1]
-        m0 = x0_pred(x, s)
-        if k == 1:  # DDIM
-            x = taylor_step(x, s, t, m0)
-        elif k == 2:  # DPM-Solver++(2S) with r1 = 1/2: DDIM to the logSNR midpoint, evaluate there
-            s1 = t_at(s, t, 0.5)
-            m1 = x0_pred(taylor_step(x, s, s1, m0), s1)
-            x = second_order_step(x, s, t, m0, m1, 0.5)
-        else:  # DPM-Solver-3 in data prediction, r1 = 1/3, r2 = 2/3
-            r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-            s1, s2 = t_at(s, t, r1), t_at(s, t, r2)
-            m1 = x0_pred(taylor_step(x, s, s1, m0), s1)
-            m2 = x0_pred(taylor_step(x, s, s2, m0, (r2 / r1) * (m1 - m0)), s2)  # second order to s2
-            # With r2 = 2/3, phi2 (m2 - m0) / r2 also carries the D2 term to third order.
-            x = taylor_step(x, s, t, m0, (m2 - m0) / r2)
+    x0 = DataPrediction(eps_fn, ns, steps, progress)
+    x = SOLVERS[method](x0, ns, x_T, time_steps(ns, skip, steps), order)
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"the sampler's result is not finite ({method} order {order}, "
+                                 f"{steps} steps): the model returned NaN/inf")
     return x
 
 
@@ -392,88 +394,3 @@ def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
         if progress is not None:
             progress(NUM_TIMESTEPS + 1 - n, NUM_TIMESTEPS)
     return x
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Gaussian benchmark: `python diffusion.py`
-# ----------------------------------------------------------------------------------------------
-# For data x0 ~ N(mu, diag(s^2)), x_t ~ N(alpha_t mu, alpha_t^2 s^2 + sigma_t^2), the optimal noise
-# predictor is eps(x, t) = sigma_t (x - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2), and the
-# probability-flow ODE keeps z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) constant.
-# Along it x0(lambda) moves most near lambda = -log s, so the spread of s decides where steps matter.
-
-def gaussian_problem(spectrum, side, batch, seed):
-    """mu, s [side^2] and x_T [batch, side^2] from the t = 1 marginal, float64.
-
-    'image': one side x side latent channel in an orthonormal 2D cosine basis, mode (u, v) with
-    variance proportional to 1 / (1 + u^2 + v^2) (a natural-image-like spectrum), scaled to mean
-    variance 1 like the scaled latents; RMS errors are then per-pixel errors. s spans about
-    0.27..12 for side 32. 'two-scale': s = 0.5 and 2 in alternate dimensions (the s of the tests).
-    mu is uniform in [-1, 1].
-    """
-    g = torch.Generator().manual_seed(seed)
-    u = torch.arange(side, dtype=torch.float64)
-    if spectrum == "image":
-        var = 1.0 / (1.0 + u[:, None] ** 2 + u[None, :] ** 2)
-        s = (var / var.mean()).sqrt().reshape(-1)
-    else:
-        s = torch.tensor([0.5, 2.0], dtype=torch.float64).repeat(side * side)[: side * side]
-    mu = torch.rand(side * side, generator=g, dtype=torch.float64) * 2 - 1
-    ns = DiscreteSchedule()
-    alpha, sigma = ns.alpha_t(1.0), ns.sigma_t(1.0)
-    z = torch.randn(batch, side * side, generator=g, dtype=torch.float64)
-    return mu, s, alpha * mu + torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2) * z
-
-
-def gaussian_error(mu, s, x_T, **solver):
-    """RMS distance between the solver's x at t = 1/1000 and the exact PF-ODE solution."""
-    ns = DiscreteSchedule()
-
-    def eps_fn(x, n):
-        t = n[0] / NUM_TIMESTEPS
-        alpha, sigma = ns.alpha_t(t), ns.sigma_t(t)
-        return sigma * (x - alpha * mu) / (alpha ** 2 * s ** 2 + sigma ** 2)
-
-    def marginal(t):
-        alpha, sigma = ns.alpha_t(t), ns.sigma_t(t)
-        return alpha * mu, torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
-
-    (m_T, sd_T), (m_0, sd_0) = marginal(1.0), marginal(1.0 / NUM_TIMESTEPS)
-    exact = m_0 + sd_0 * (x_T - m_T) / sd_T
-    x = dpm_solver_sample(eps_fn, x_T, schedule=ns, **solver)
-    return torch.sqrt(torch.mean((x - exact) ** 2)).item()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Print the error of every DPM-Solver configuration against the exact probability-flow "
-                    "ODE solution on Gaussian data N(mu, diag(s^2)): RMS over all samples and dimensions "
-                    "at t = 1/1000 (n = 1), per number of model evaluations, as a markdown table.")
-    parser.add_argument("--spectrum", choices=["image", "two-scale"], default="image",
-                        help="'image': s from a natural-image-like spectrum on a side x side grid; "
-                             "'two-scale': s = 0.5 and 2 alternately (the s of the tests)")
-    parser.add_argument("--side", type=int, default=32, help="grid side; the data has side^2 dimensions")
-    parser.add_argument("--batch", type=int, default=32, help="number of samples x_T")
-    parser.add_argument("--evals", type=int, nargs="+", default=[10, 20, 50, 100],
-                        help="numbers of model evaluations (the table's columns)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for mu and x_T")
-    args = parser.parse_args(argv)
-    if min(args.evals) < max(ORDERS) or args.side < 1 or args.batch < 1:
-        print(f"error: need every --evals >= {max(ORDERS)} and --side, --batch >= 1", file=sys.stderr)
-        return 2
-
-    mu, s, x_T = gaussian_problem(args.spectrum, args.side, args.batch, args.seed)
-    rows = [("release default: singlestep 3 time_uniform", RELEASE_SAMPLER),
-            ("our default: singlestep 3 logSNR", DEFAULT_SAMPLER)]
-    rows += [(f"{method} {order} {skip}", dict(order=order, method=method, skip=skip))
-             for method in METHODS for order in ORDERS for skip in SPACINGS]
-    print(f"| method order spacing \\ evaluations | {' | '.join(str(e) for e in args.evals)} |")
-    print(f"|---|{'---|' * len(args.evals)}")
-    for name, solver in rows:
-        errors = [gaussian_error(mu, s, x_T, steps=e, **solver) for e in args.evals]
-        print(f"| {name} | {' | '.join(f'{err:.2e}' for err in errors)} |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

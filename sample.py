@@ -1,22 +1,25 @@
 """Sampling from a trained DiMR: images, a labelled grid and the .npz that FID reads (paper Sec. 4).
 
-The paper's numbers are FID-50K of class-conditional samples drawn with DPM-Solver (250 steps in
-the release) and classifier-free guidance (release convention eps = eps_c + s (eps_c - eps_u),
-s = 0.4 for the 256 px models; optionally with the power-cosine decay); DDPM's 1000 ancestral
-steps are the baseline sampler. The samplers and the guidance live in diffusion.py; this file
-turns a checkpoint into images:
+The paper's numbers are FID-50K of class-conditional samples, 50 per ImageNet class, drawn with the
+release's DPM-Solver (250 steps) and classifier-free guidance (diffusion.guided_eps_fn); DDPM's 1000
+ancestral steps are the baseline sampler. The samplers and the guidance live in diffusion.py; this
+file turns a checkpoint into images:
 
 - library (train.py uses it): `generate` (model-space samples, image i from the noise of seed i,
   whatever the batch it lands in), `to_uint8`, `save_grid`, `decode_to_uint8` (VAE for latents);
-- command line: `python sample.py CKPT --num-images 50000 --out DIR`, or with `torchrun --nproc_per_node=8`
-  (EDM/DiT style: rank r takes one contiguous chunk of the indices, every rank writes its share
-  to a part file, rank 0 streams the parts into one .npz in index order).
+- command line: `python sample.py CKPT --num-images 50000 --out DIR`, or under
+  `torchrun --nproc_per_node=8`. The images are cut into batches of --batch-size indices; each
+  finished batch is saved as DIR/parts/batch_NNNNNN.npy (atomically), and the processes share the
+  unfinished ones. A run that is interrupted (killed, preempted) and started again with the same
+  arguments, on any number of processes, samples only the missing batches, so its samples.npz
+  equals an uninterrupted run's. At the end the parts are merged into one .npz in index order.
 
 Outputs in --out: grid.png (the first 64 images, each labelled with its class id),
 images/000000.png ... (one per image), samples.npz with arr_0 uint8 [N, H, W, 3] (the ADM
 evaluation suite's layout) and labels int64 [N].
 """
 import argparse
+import json
 import math
 import sys
 import zipfile
@@ -30,7 +33,8 @@ import checkpoints
 import dimr
 import distributed
 import vae as vae_lib
-from diffusion import DEFAULT_SAMPLER, METHODS, ORDERS, SPACINGS, ddpm_sample, dpm_solver_sample, guided_eps_fn
+import diffusion
+from diffusion import DEFAULT_SAMPLER, ORDERS, RELEASE_SAMPLER, SPACINGS, ddpm_sample, dpm_solver_sample
 from progress import Progress
 
 RELEASE_CFG_SCALE = 0.4  # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
@@ -39,7 +43,13 @@ GRID_MAX = 64  # images in grid.png
 GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
 GRID_PAD = 4  # white pixels around each grid cell
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of the network
-SAMPLERS = (*METHODS, "ddpm")  # DPM-Solver++ variants, and DDPM ancestral sampling (1000 steps)
+# DPM-Solver++ variants; 'release': the release's sampler (RELEASE_SAMPLER, whatever order and skip
+# say); 'ddpm': DDPM ancestral sampling with all 1000 steps.
+SAMPLERS = (*diffusion.METHODS, "release", "ddpm")
+CLASSES_HELP = ("class of image i: 'even' (image i of N gets class floor(i K / N): exactly N / K per "
+                "class, in class order, as the release's FID-50K, when K divides N), a list '3,1,4' or "
+                "an inclusive range '0-9' (cycled over the images), or 'random' (uniform, drawn with "
+                "--seed)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,8 +79,9 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
 
     labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
     cfg_scale: the release's s (0 = no guidance); decay_power: power-cosine decay of the guidance;
-    order / method / skip / steps: DPM-Solver++ (diffusion.dpm_solver_sample), or method 'ddpm':
-    1000 ancestral steps (diffusion.ddpm_sample; steps, order and skip unused); amp_dtype: run the
+    order / method / skip / steps: diffusion.dpm_solver_sample; method 'release': the release's
+    sampler (RELEASE_SAMPLER); 'ddpm': 1000 ancestral steps (diffusion.ddpm_sample; steps, order
+    and skip unused); amp_dtype: run the
     network under autocast to this dtype (the solver's own arithmetic stays float32).
     Returns [N, C, H, W].
     """
@@ -83,18 +94,19 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if method not in SAMPLERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
+    solver = RELEASE_SAMPLER if method == "release" else dict(order=order, method=method, skip=skip)
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
         generators = image_generators(seeds[start:start + batch_size])
         x_T = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
                            for g in generators]).to(device)                            # (B, C, H, W)
-        eps_fn = guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
+        eps_fn = diffusion.guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if method == "ddpm":
                 x = ddpm_sample(eps_fn, x_T, generator=generators)
             else:
-                x = dpm_solver_sample(eps_fn, x_T, steps, order=order, method=method, skip=skip)
+                x = dpm_solver_sample(eps_fn, x_T, steps, **solver)
         out.append(x.float().cpu())
     if not out:
         return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -151,11 +163,14 @@ def save_grid(images, labels, path, ncol=None):
 # Command line: classes, index split, .npz
 
 def parse_classes(spec, num, num_classes, seed):
-    """Labels [num] from '3,1,4' (cycled), '0-9' (inclusive range, cycled) or 'random'.
+    """Labels [num] from 'even', '3,1,4' (cycled), '0-9' (inclusive range, cycled) or 'random'.
 
-    'random' draws uniformly from numpy's default_rng(seed), the same on every process.
+    'even': image i gets class floor(i K / N), so N = 50 K gives the release's
+    arange(K).repeat_interleave(50). 'random' draws uniformly from numpy's default_rng(seed).
     """
     spec = spec.strip()
+    if spec == "even":
+        return np.arange(num, dtype=np.int64) * num_classes // max(num, 1)
     if spec == "random":
         return np.random.default_rng(seed).integers(0, num_classes, num, dtype=np.int64)
     try:
@@ -167,16 +182,11 @@ def parse_classes(spec, num, num_classes, seed):
         else:
             classes = [int(v) for v in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--classes must be a list (3,1,4), a range (0-9) or 'random', got {spec!r}") from None
+        raise ValueError(f"--classes must be 'even', a list (3,1,4), a range (0-9) or 'random', "
+                         f"got {spec!r}") from None
     labels = np.resize(np.array(classes, dtype=np.int64), num)  # cycles through the list
     check_labels(classes, num_classes)
     return labels
-
-
-def rank_indices(num, rank, world_size):
-    """The contiguous chunk of 0..num-1 that `rank` samples (sizes differ by at most one)."""
-    lo, hi = num * rank // world_size, num * (rank + 1) // world_size
-    return np.arange(lo, hi)
 
 
 def write_npz(path, parts, labels):
@@ -213,9 +223,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output directory")
     # not `--num`: torchrun reads abbreviations of its own flags (--numa-binding) after the script too
     p.add_argument("--num-images", type=int, default=64, help="number of images N")
-    p.add_argument("--classes", default="random",
-                   help="class of image i: a list '3,1,4' or inclusive range '0-9' (cycled over the images), "
-                        "or 'random' (uniform, drawn with --seed)")
+    p.add_argument("--classes", default="even", help=CLASSES_HELP)
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed SEED + i, "
                                                         "whatever the number of processes")
     p.add_argument("--cfg-scale", type=float, default=RELEASE_CFG_SCALE,
@@ -226,16 +234,19 @@ def build_parser():
                    help="power-cosine guidance decay: w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; "
                         "default constant guidance")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help="network evaluations of DPM-Solver (with guidance each one pass over a doubled batch: "
-                        "conditional and null class). The release's FID-50K setting is --steps 250 "
-                        "--method singlestep --skip time_uniform (with --order 3)")
+                   help="network evaluations of the sampler (with guidance each one pass over a doubled "
+                        "batch: conditional and null class). The release's FID-50K setting is --steps 250 "
+                        "--method release")
     p.add_argument("--order", type=int, choices=ORDERS, default=DEFAULT_SAMPLER["order"], help="solver order")
     p.add_argument("--method", choices=SAMPLERS, default=DEFAULT_SAMPLER["method"],
-                   help="DPM-Solver++ variant, or 'ddpm': DDPM ancestral sampling with all 1000 steps (the "
-                        "baseline; --steps, --order and --skip do not apply to it)")
+                   help="DPM-Solver++ variant; 'release': the release's own sampler (its dpm_solver.py "
+                        "'fast' method, third order on a time-uniform grid; --order and --skip do not "
+                        "apply); 'ddpm': DDPM ancestral sampling with all 1000 steps (the baseline; "
+                        "--steps, --order and --skip do not apply)")
     p.add_argument("--skip", choices=SPACINGS, default=DEFAULT_SAMPLER["skip"], help="DPM-Solver step spacing")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass, per process")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per forward pass and per saved batch (a resumed run needs the same)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="the network's arithmetic: fp32, or bf16 / fp16 autocast, faster on GPUs but they slightly "
                         "change the samples (a few pixel levels); the solver and the VAE run in fp32")
@@ -257,6 +268,32 @@ def check_args(args):
         raise ValueError("; ".join(problems))
 
 
+def batch_path(parts, b):
+    return parts / f"batch_{b:06d}.npy"
+
+
+def open_parts(parts, settings):
+    """The finished batches of DIR/parts, after checking that they were sampled with the same
+    settings (parts/settings.json, written by the first run). Rank 0 creates the folder and
+    removes what a killed process left half-written; every rank then reads the same state."""
+    record = parts / "settings.json"
+    if distributed.is_main():
+        parts.mkdir(parents=True, exist_ok=True)
+        for stale in parts.glob(".batch_*"):  # temporary files of an interrupted write
+            stale.unlink()
+        if not record.is_file():
+            checkpoints.write_text(record, json.dumps(settings, indent=2) + "\n")
+    distributed.barrier()
+    stored = json.loads(record.read_text())
+    changed = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in settings.items() if stored.get(k) != v]
+    if changed:
+        raise ValueError(f"{parts} holds an unfinished run with other settings ({'; '.join(changed)}): "
+                         f"rerun with its arguments to continue it, or remove {parts}")
+    done = {int(p.stem.split("_")[1]) for p in parts.glob("batch_*.npy")}
+    distributed.barrier()  # every rank has seen the same finished batches before any writes one
+    return done
+
+
 def run(args):
     check_args(args)
     device = distributed.init()
@@ -266,48 +303,53 @@ def run(args):
     labels = parse_classes(args.classes, args.num_images, cfg.num_classes, args.seed)
     vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
     out = Path(args.out)
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    if not args.no_png:
-        (out / "images").mkdir(exist_ok=True)
     sampler = ("DDPM, 1000 ancestral steps" if args.method == "ddpm" else
-               f"{args.steps} steps {args.method} order {args.order} {args.skip}")
+               f"{args.steps} steps " + ("of the release's sampler" if args.method == "release" else
+                                         f"{args.method} order {args.order} {args.skip}"))
     distributed.print0(f"sampling {args.num_images} images of {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
                        f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} process(es): {sampler}, "
                        f"cfg scale {args.cfg_scale}, decay power {args.decay_power}, {args.weights} weights, "
                        f"{args.precision}")
 
-    idx = rank_indices(args.num_images, rank, world)
-    side = cfg.input_size * (vae_lib.DOWNSAMPLE if vae else 1)
-    part_path = out / "parts" / f"rank{rank:05d}.npy"
-    part = np.lib.format.open_memmap(part_path, mode="w+", dtype=np.uint8, shape=(len(idx), side, side, 3))
-    bar = Progress(f"sample (rank 0 of {world})" if world > 1 else "sample", len(idx)) \
-        if distributed.is_main() else None
-    for start in range(0, len(idx), args.batch_size):
-        batch = idx[start:start + args.batch_size]
-        x = generate(model, labels[batch], args.seed + batch, steps=args.steps, cfg_scale=args.cfg_scale,
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png")}
+    settings["checkpoint"] = str(Path(args.checkpoint).resolve())
+    parts = out / "parts"
+    done = open_parts(parts, settings)
+    batches = [np.arange(lo, min(lo + args.batch_size, args.num_images))
+               for lo in range(0, args.num_images, args.batch_size)]
+    todo = [b for b in range(len(batches)) if b not in done][rank::world]
+    if done:
+        distributed.print0(f"resuming: {len(done)} of {len(batches)} batches are in {parts}")
+    if not args.no_png:
+        (out / "images").mkdir(exist_ok=True)
+    bar = Progress(f"sample (rank 0 of {world})" if world > 1 else "sample",
+                   sum(len(batches[b]) for b in todo)) if distributed.is_main() else None
+    for b in todo:
+        idx = batches[b]
+        x = generate(model, labels[idx], args.seed + idx, steps=args.steps, cfg_scale=args.cfg_scale,
                      decay_power=args.decay_power, order=args.order, method=args.method, skip=args.skip,
-                     batch_size=len(batch), device=device, amp_dtype=PRECISIONS[args.precision])
+                     batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
         images = decode_to_uint8(x.to(device), cfg, vae)
-        part[start:start + len(batch)] = images
         if not args.no_png:
-            for i, image in zip(batch, images):
+            for i, image in zip(idx, images):
                 Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
+        with checkpoints.atomic_write(batch_path(parts, b), suffix=".npy") as tmp:
+            np.save(tmp, images)
         if bar:
-            bar.update(len(batch))
-    part.flush()
-    del part
-    distributed.barrier()  # every part is written; rank 0 merges them alone, the others are done
+            bar.update(len(idx))
+    distributed.barrier()  # every batch is written; rank 0 merges them alone, the others are done
 
     if distributed.is_main():
-        part_paths = [out / "parts" / f"rank{r:05d}.npy" for r in range(world)]
-        parts = [np.load(p, mmap_mode="r") for p in part_paths]
-        write_npz(out / "samples.npz", parts, labels)
-        first = np.concatenate([p[:GRID_MAX] for p in parts])[:GRID_MAX]
-        save_grid(first, labels[:len(first)], out / "grid.png")
-        del parts
-        for p in part_paths:
+        paths = [batch_path(parts, b) for b in range(len(batches))]
+        arrays = [np.load(p, mmap_mode="r") for p in paths]
+        write_npz(out / "samples.npz", arrays, labels)
+        first = np.concatenate([a for a, _ in zip(arrays, range(math.ceil(GRID_MAX / args.batch_size)))])
+        save_grid(first[:GRID_MAX], labels[:min(GRID_MAX, len(first))], out / "grid.png")
+        del arrays
+        for p in [*paths, parts / "settings.json"]:
             p.unlink()
-        (out / "parts").rmdir()
+        parts.rmdir()
+        side = first.shape[1]
         print(f"wrote {out / 'samples.npz'} (arr_0 uint8 [{args.num_images}, {side}, {side}, 3], labels) and "
               f"{out / 'grid.png'}" + ("" if args.no_png else f" and {out / 'images'}/"), flush=True)
 

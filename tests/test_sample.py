@@ -134,13 +134,12 @@ def test_parse_classes_lists_ranges_and_random():
         sample.parse_classes("0,10", 4, 10, 0)
 
 
-@pytest.mark.parametrize("num", [0, 1, 7, 64, 101])
-@pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_ranks_split_indices_without_gaps_or_repeats(num, world):
-    chunks = [sample.rank_indices(num, r, world) for r in range(world)]
-    np.testing.assert_array_equal(np.concatenate(chunks), np.arange(num))  # in rank order: contiguous
-    sizes = [len(c) for c in chunks]
-    assert max(sizes) - min(sizes) <= 1
+def test_even_classes_are_the_releases_fid_protocol():
+    """The release's eval.py samples arange(K).repeat_interleave(50) for 50 K images."""
+    np.testing.assert_array_equal(sample.parse_classes("even", 50_000, 1000, 0),
+                                  np.repeat(np.arange(1000), 50))
+    np.testing.assert_array_equal(sample.parse_classes("even", 6, 4, 0), [0, 0, 1, 2, 2, 3])
+    assert sample.build_parser().parse_args(["c.pt", "--out", "o"]).classes == "even"
 
 
 def test_npz_has_the_adm_layout(tmp_path):
@@ -174,7 +173,7 @@ def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
     assert (label_strip < 128).any()  # the class id is drawn in black under the image
 
 
-def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10):
+def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10, solver=None):
     """What the CLI should write, written out: x_T from each seed's generator, the release's guidance
     eps_c + s (eps_c - eps_u) at its default s = 0.4, DPM-Solver++ (diffusion.py, tested against closed
     forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey channel repeated."""
@@ -187,7 +186,7 @@ def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10):
         return eps_c + s * (eps_c - eps_u)
 
     with torch.no_grad():
-        x = dpm_solver_sample(eps_fn, x_T, steps).double().numpy()          # (N, 1, 8, 8)
+        x = dpm_solver_sample(eps_fn, x_T, steps, **(solver or {})).double().numpy()  # (N, 1, 8, 8)
     pixels = np.clip(np.floor(127.5 * x + 128.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     return np.repeat(pixels, 3, axis=3)
 
@@ -214,22 +213,96 @@ def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
     assert sample.build_parser().parse_args([str(ckpt), "--out", "o"]).precision == "fp32"  # on every device
 
 
+def test_method_release_is_the_releases_sampler_whatever_order_and_skip_say(tmp_path):
+    ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(1))
+    sample.main([str(ckpt), "--out", str(tmp_path / "r"), "--num-images", "3", "--classes", "4", "--steps", "7",
+                 "--method", "release", "--order", "2", "--skip", "logSNR", "--no-png"])
+    solver = dict(order=3, method="singlestep", skip="time_uniform")  # tests/test_diffusion.py: the release's
+    with np.load(tmp_path / "r" / "samples.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(tiny_model(1), [4] * 3, range(3), 7,
+                                                                     solver=solver))
+
+
 def test_two_processes_write_the_same_npz_as_one(tmp_path):
     ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(2))
     args = [str(ckpt), "--num-images", "5", "--classes", "random", "--seed", "3", "--steps", "4",
             "--batch-size", "2", "--no-png"]
     sample.main([*args, "--out", str(tmp_path / "one")])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "sample.py"),
-                             *args, "--out", str(tmp_path / "two")],
-                            cwd=ROOT, env=env, capture_output=True, text=True)
+    result = torchrun([*args, "--out", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 2 process(es)" in result.stdout
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3)
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "sample.py"),
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+class Killed(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, batches):
+    """Make sample.generate fail like a killed process after `batches` batches."""
+    calls, generate = [], sample.generate
+
+    def failing(*args, **kwargs):
+        if len(calls) == batches:
+            raise Killed
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", failing)
+
+
+def test_an_interrupted_run_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Killed after 2 of 4 batches (and with a half-written temporary file left behind), then rerun
+    with the same arguments, first on 2 processes, then once more on 1: the same samples.npz as an
+    uninterrupted run, and only the missing batches are sampled again."""
+    ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(3))
+    args = [str(ckpt), "--num-images", "7", "--seed", "4", "--steps", "4", "--batch-size", "2"]
+    sample.main([*args, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "resumed"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        sample.main([*args, "--out", str(out)])
+    assert sorted(p.name for p in (out / "parts").glob("batch_*")) == ["batch_000000.npy", "batch_000001.npy"]
+    (out / "parts" / ".batch_000002.npy.tmp999.npy").write_bytes(b"half")
+    monkeypatch.undo()
+    capsys.readouterr()
+    result = torchrun([*args, "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resuming: 2 of 4 batches" in result.stdout
+    assert "sample (rank 0 of 2): 2/2 images" in result.stderr  # rank 0 sampled batch 2 only
+    with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(out / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert not (out / "parts").exists()
+
+    interrupt_after(monkeypatch, 1)  # and from 2 processes' leftovers back to 1 process
+    with pytest.raises(Killed):
+        sample.main([*args, "--out", str(tmp_path / "again")])
+    monkeypatch.undo()
+    sample.main([*args, "--out", str(tmp_path / "again")])
+    with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "again" / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
+    ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(3))
+    args = [str(ckpt), "--num-images", "4", "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "o")]
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Killed):
+        sample.main(args)
+    monkeypatch.undo()
+    msg = run_error([*args, "--steps", "5"])
+    assert msg.startswith("error: ") and "steps 4 there, 5 here" in msg and "\n" not in msg
 
 
 def run_error(argv):

@@ -1,0 +1,132 @@
+"""How accurately does each sampler solve the probability-flow ODE? (README, "Sampler accuracy")
+
+    python sampler_error.py gaussian                      # exact solution in closed form
+    python sampler_error.py checkpoint CKPT --cfg-scale 1 # trained model: a converged solution
+
+Both print a markdown table: the RMS distance, over all samples and dimensions, between the
+sampler's x at n = 1 and the ODE's solution from the same x_T, per number of model evaluations.
+
+- gaussian: for data x0 ~ N(mu, diag(s^2)), x_t ~ N(alpha_t mu, alpha_t^2 s^2 + sigma_t^2), the
+  optimal noise prediction is eps(x, t) = sigma_t (x - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2)
+  and the ODE keeps z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) constant. Along it x0
+  moves most near lambda = -log s, so the spread of s decides where steps matter.
+- checkpoint: the guided ODE of a trained model (the same guided_eps_fn that sample.py uses);
+  its solution is the default sampler's at --reference-steps evaluations, and the table says how
+  far that reference moved from half as many (it must be well below the errors it measures).
+"""
+import argparse
+import sys
+
+import torch
+
+import dimr
+from diffusion import (DEFAULT_SAMPLER, METHODS, NUM_TIMESTEPS, ORDERS, RELEASE_SAMPLER, SPACINGS,
+                       DiscreteSchedule, dpm_solver_sample, guided_eps_fn)
+
+NAMED = [("release (its dpm_solver.py 'fast')", RELEASE_SAMPLER), ("default", DEFAULT_SAMPLER)]
+
+
+def rms(a, b):
+    return torch.sqrt(torch.mean((a.double() - b.double()) ** 2)).item()
+
+
+def gaussian_problem(spectrum, side, batch, seed):
+    """mu, s [side^2] and x_T [batch, side^2] from the t = 1 marginal, float64.
+
+    'image': one side x side latent channel in an orthonormal 2D cosine basis, mode (u, v) with
+    variance proportional to 1 / (1 + u^2 + v^2) (a natural-image-like spectrum), scaled to mean
+    variance 1 like the scaled latents. 'two-scale': s = 0.5 and 2 in alternate dimensions.
+    mu is uniform in [-1, 1].
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.arange(side, dtype=torch.float64)
+    if spectrum == "image":
+        var = 1.0 / (1.0 + u[:, None] ** 2 + u[None, :] ** 2)
+        s = (var / var.mean()).sqrt().reshape(-1)
+    else:
+        s = torch.tensor([0.5, 2.0], dtype=torch.float64).repeat(side * side)[: side * side]
+    mu = torch.rand(side * side, generator=g, dtype=torch.float64) * 2 - 1
+    ns = DiscreteSchedule()
+    alpha, sigma = ns.alpha_t(1.0), ns.sigma_t(1.0)
+    z = torch.randn(batch, side * side, generator=g, dtype=torch.float64)
+    return mu, s, alpha * mu + torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2) * z
+
+
+def gaussian_solution(mu, s, x_T):
+    """The optimal eps_fn of N(mu, diag(s^2)) and the exact ODE solution at n = 1 from x_T."""
+    ns = DiscreteSchedule()
+
+    def marginal(t):  # mean and standard deviation of x_t
+        alpha, sigma = ns.alpha_t(t), ns.sigma_t(t)
+        return alpha * mu, torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
+
+    def eps_fn(x, n):
+        t = (n.double() / NUM_TIMESTEPS)[:, None]
+        alpha, sigma = ns.alpha_t(t), ns.sigma_t(t)
+        return (sigma * (x.double() - alpha * mu) / (alpha ** 2 * s ** 2 + sigma ** 2)).to(x.dtype)
+
+    (m_T, sd_T), (m_0, sd_0) = marginal(1.0), marginal(1.0 / NUM_TIMESTEPS)
+    return eps_fn, m_0 + sd_0 * (x_T - m_T) / sd_T
+
+
+def print_table(rows, evals, eps_fn, x_T, solution):
+    print(f"| sampler \\ evaluations | {' | '.join(str(e) for e in evals)} |")
+    print(f"|---|{'---|' * len(evals)}")
+    for name, solver in rows:
+        errors = [rms(dpm_solver_sample(eps_fn, x_T, e, **solver), solution) for e in evals]
+        print(f"| {name} | {' | '.join(f'{err:.2e}' for err in errors)} |", flush=True)
+
+
+def describe(solver):
+    return f"{solver['method']} {solver['order']} {solver['skip']}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--evals", type=int, nargs="+", default=[10, 20, 50, 100],
+                   help="numbers of model evaluations (the table's columns)")
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T (and of mu for gaussian)")
+    p.add_argument("--all", action="store_true",
+                   help="also every method x order x spacing, not only the release's and the default")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gaussian", help="Gaussian data: the exact solution is known")
+    g.add_argument("--spectrum", choices=["image", "two-scale"], default="image",
+                   help="'image': s from a natural-image-like spectrum; 'two-scale': s = 0.5 and 2")
+    g.add_argument("--side", type=int, default=32, help="grid side; the data has side^2 dimensions")
+    g.add_argument("--batch", type=int, default=32, help="number of samples x_T")
+    c = sub.add_parser("checkpoint", help="a trained model: against a converged solution")
+    c.add_argument("checkpoint", help="train.py checkpoint (EMA weights) or `dimr.py convert` output")
+    c.add_argument("--num-images", type=int, default=40, help="samples x_T (seeds 0..N-1)")
+    c.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="guidance s, as sample.py (eps_c + s (eps_c - eps_u)); 0 = none")
+    c.add_argument("--reference-steps", type=int, default=1000,
+                   help="evaluations of the default sampler for the converged solution")
+    args = p.parse_args(argv)
+    try:
+        if min(args.evals) < max(ORDERS):
+            raise ValueError(f"every --evals must be >= {max(ORDERS)}")
+        rows = NAMED + [(f"{m} {o} {s}", dict(method=m, order=o, skip=s))
+                        for m in METHODS for o in ORDERS for s in SPACINGS] * args.all
+        print("rows: " + "; ".join(f"{name} = {describe(solver)}" for name, solver in NAMED[:2]))
+        if args.command == "gaussian":
+            mu, s, x_T = gaussian_problem(args.spectrum, args.side, args.batch, args.seed)
+            eps_fn, solution = gaussian_solution(mu, s, x_T)
+        else:
+            model, _ = dimr.load_model(args.checkpoint)
+            cfg = model.config
+            y = torch.arange(args.num_images) % cfg.num_classes
+            g = torch.Generator().manual_seed(args.seed)
+            x_T = torch.randn(args.num_images, cfg.in_channels, cfg.input_size, cfg.input_size,
+                              generator=g)
+            eps_fn = torch.no_grad()(guided_eps_fn(model, y, args.cfg_scale, cfg.num_classes))
+            solution = dpm_solver_sample(eps_fn, x_T, args.reference_steps)
+            half = dpm_solver_sample(eps_fn, x_T, args.reference_steps // 2)
+            print(f"reference: default sampler at {args.reference_steps} evaluations; RMS change "
+                  f"from {args.reference_steps // 2}: {rms(solution, half):.1e}")
+        print_table(rows, args.evals, eps_fn, x_T, solution)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
