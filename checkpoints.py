@@ -8,6 +8,7 @@ read with weights_only=True.
 """
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -48,8 +49,22 @@ def load(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled code: all one message
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # truncated zip, random bytes, pickled code: all one line
+        raise ValueError(f"cannot read checkpoint {path}: {why_unreadable(e)}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj
+
+
+def why_unreadable(error):
+    """torch.load's reason in one line, without its advice to retry with weights_only=False,
+    which would run whatever code the file carries."""
+    text = str(error)
+    code = re.search(r"GLOBAL (\S+)", text)                  # a class or function it would import
+    if code:
+        return (f"it carries pickled Python code ({code.group(1)}) besides tensors and plain "
+                f"values, and checkpoints are only read in a way that runs no code")
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # what follows is the hint
+    detail = unpickler.group(1) if unpickler else text.split(". ")[0].split("\n")[0]
+    reason = f"{type(error).__name__}: {detail[:200]}" if detail else type(error).__name__
+    return f"not a PyTorch checkpoint, or a truncated or corrupted one ({reason})"

@@ -156,7 +156,7 @@ def release_forward(sd, x, n, y, heads):
         stack = []
         for b in range(nb):
             k = f"{s}.blocks.{b}"
-            if b > nb // 2:
+            if b > nb // 2:  # last in, first out: block nb - 1 - i takes the output of block i
                 z = linear(sd, f"{s}.skip_denses.{b - nb // 2 - 1}", torch.cat([z, stack.pop()], -1))
             if r == 0:
                 z = z + attention(sd, k + ".block1", rms_norm(z, td(sd, k + ".block1.norm.scale", t)), heads)

@@ -1,8 +1,11 @@
-"""The DiMR network: the authors' parameter counts and MACs, shapes, errors, per-sample time,
-gradients, the pixel-shuffle layout, and equality with an independent statement of the
-release's forward pass on release-format weights (tests/release_reference.py)."""
+"""The DiMR network: the authors' parameter counts and MACs, shapes, errors, gradients (gradcheck
+per component and of the whole network), the pixel-shuffle layout, safe checkpoint loading, and
+equality with an independent statement of the release's forward pass on release-format weights
+(tests/release_reference.py) on mixed-time batches."""
 import ast
 import dataclasses
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,13 @@ import torch
 import checkpoints
 import dimr
 from release_reference import release_forward, release_state_dict
+from util import gradcheck_module
 
 DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.usefixtures("single_thread")
 TINY_2R = dimr.get_config("s", widths=(32, 16), depths=(3, 2), num_heads=4)
 TINY_3R = dimr.DiMRConfig(16, 3, 7, 4, (3, 2, 2), (32, 16, 8), 4)
+MICRO = dimr.DiMRConfig(8, 2, 3, 2, (3, 2), (8, 4), 2)              # small enough for gradcheck
 
 
 def meta_params(cfg):
@@ -47,10 +53,6 @@ def inputs(cfg, B=4, seed=0):
 ])
 def test_parameter_counts_exact(name, params):
     assert meta_params(dimr.get_config(name)) == params
-
-
-def test_parameter_count_l3r_matches_paper():
-    assert abs(meta_params(dimr.get_config("l")) - 284.0e6) < 0.3e6  # paper: 284.0M
 
 
 def test_parameter_count_equals_release_file():
@@ -98,10 +100,13 @@ def test_output_shapes(cfg):
     assert sizes[-1] == cfg.input_size
 
 
-@pytest.mark.parametrize("blocks", [(3, 3), (3, 3, 3)], ids=["2R", "3R"])
+@pytest.mark.parametrize("blocks", [(5, 7), (7, 5, 7)], ids=["2R", "3R"])
 def test_from_official_equals_release_forward(blocks):
-    """from_official + our forward == the release's forward, same random weights (float64:
-    differences are float rounding, 1e-10; float32 to 1e-4 relative)."""
+    """from_official + our forward == the release's forward (tests/release_reference.py), same
+    random weights, TD parameters included (p0 != p1, w and b non-zero). 5 to 7 blocks per branch
+    give 2 or 3 long skips, so the order in which they are popped matters. The batch mixes times,
+    and rows 0 and 1 differ only in t. float64: differences are rounding, 1e-10; float32 to 1e-4
+    relative."""
     R = len(blocks)
     widths = (32, 16, 8)[:R]
     g = torch.Generator().manual_seed(1)
@@ -109,14 +114,17 @@ def test_from_official_equals_release_forward(blocks):
     model = dimr.from_official(sd, num_heads=4).double()
     sd = {k: v.double() for k, v in sd.items()}
     assert model.config.widths == widths and model.config.input_size == 4 * 2 ** (R - 1)
+    assert [len(b.skips) for b in model.branches] == [n // 2 for n in blocks]
     x = torch.randn(4, 3, model.config.input_size, model.config.input_size, dtype=torch.float64, generator=g)
+    x[1] = x[0]
     n = torch.tensor([1.0, 500.0, 873.0, 1000.0], dtype=torch.float64)
-    y = torch.tensor([0, 5, 2, 4])                                     # 5 = null class
+    y = torch.tensor([2, 2, 5, 4])                                     # 5 = null class
     ours, ref = model(x, n, y), release_forward(sd, x, n, y, heads=4)
     assert len(ours) == R
     for a, b in zip(ours, ref):
         assert a.shape == b.shape
         assert (a - b).abs().max() < 1e-10 * (1 + b.abs().max())
+        assert (b[0] - b[1]).abs().max() > 0.1                         # time changes the output
     ours32 = model.float()(x.float(), n.float(), y)
     for a, b in zip(ours32, ref):
         assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-4
@@ -175,6 +183,12 @@ def test_bad_inputs_raise_clear_errors():
         model(x, t, torch.tensor([0, 11, 2, 3]))
     with pytest.raises(ValueError, match="int64"):
         model(x, t, y.float())
+    for bad in (float("nan"), -3.0, 5000.0, float("inf")):
+        message = rf"t must be finite DDPM steps in \[0, 1000\], got \[{bad}\]"
+        with pytest.raises(ValueError, match=message):
+            model(x, torch.tensor([1.0, bad, 2.0, 3.0]), y)
+    outs = model(x, torch.tensor([0.0, 1000.0, 0.0, 1000.0]), y)         # the ends are valid steps
+    assert [tuple(o.shape) for o in outs] == [(4, 1, 4, 4), (4, 1, 8, 8)]
     with pytest.raises(ValueError, match="unknown variant 'XXL'"):
         dimr.get_config("XXL")
     with pytest.raises(ValueError, match="patch_size must be"):
@@ -189,20 +203,6 @@ def test_bad_inputs_raise_clear_errors():
         dimr.get_config("s", widths=(0, 0))
 
 
-@pytest.mark.parametrize("cfg", [TINY_2R, TINY_3R], ids=["2R", "3R"])
-def test_mixed_time_batch_equals_samples_one_at_a_time(cfg):
-    model = randomise(dimr.DiMR(cfg)).eval()
-    x, t, y = inputs(cfg)
-    batched = model(x, t, y)
-    for i in range(4):
-        single = model(x[i:i + 1], t[i:i + 1], y[i:i + 1])
-        for a, b in zip(batched, single):
-            assert torch.allclose(a[i:i + 1], b, atol=1e-5, rtol=1e-4)
-    # and time does matter once the TD parameters are trained
-    other = model(x, t.flip(0), y)
-    assert (other[-1] - batched[-1]).abs().max() > 1e-3
-
-
 def test_every_parameter_gets_a_gradient():
     model = randomise(dimr.DiMR(TINY_3R))
     x, t, y = inputs(TINY_3R)
@@ -212,6 +212,61 @@ def test_every_parameter_gets_a_gradient():
     # only the class rows that no sample in the batch uses stay untouched
     used = model.class_embed.weight.grad.abs().sum(1) > 0
     assert used.tolist() == [i in y.tolist() for i in range(TINY_3R.num_classes + 1)]
+
+
+def f64(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+
+# Per component: the output shape, and gradcheck in float64 with respect to the inputs (features
+# and t~) and every parameter, with all parameters random so the TD parameters vary in time.
+B, H, W, D = 2, 3, 4, 8
+
+
+def test_glu_shape_and_gradients():
+    glu = randomise(dimr.GLU(D)).double()
+    x = f64(B, 5, D)
+    assert glu(x).shape == (B, 5, D) and glu.w0.out_features == 2 * D       # hidden width 2D
+    assert gradcheck_module(glu, x)
+
+
+@pytest.mark.parametrize("Block, shape", [(dimr.TransformerBlock, (B, 5, D)),
+                                          (dimr.ConvNeXtBlock, (B, H, W, D))],
+                         ids=["transformer", "convnext"])
+def test_block_shape_and_gradients(Block, shape):
+    block = randomise(Block(MICRO, D, MICRO.widths[0])).double()
+    x, t = f64(*shape), f64(B, seed=1)
+    assert block(x, t).shape == shape
+    assert gradcheck_module(block, x, t)
+
+
+def test_cascade_shape_and_gradients():
+    """3 feature maps of width 4 at 3x4 -> one map of width 6 at 6x8 (ratio 2)."""
+    cascade = randomise(dimr.Cascade(MICRO, 3 * 4, 6, 2, MICRO.widths[0])).double()
+    maps, t = [f64(B, H, W, 4, seed=k) for k in range(3)], f64(B, seed=3)
+    assert cascade(maps, t).shape == (B, 2 * H, 2 * W, 6)
+    assert gradcheck_module(cascade, *maps, t, pack=lambda *a: (list(a[:-1]), a[-1]))
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_head_shape_and_gradients(patch):
+    head = randomise(dimr.Head(MICRO, D, patch, MICRO.widths[0])).double()
+    x, t = f64(B, H, W, D), f64(B, seed=1)
+    assert head(x, t).shape == (B, MICRO.in_channels, H * patch, W * patch)
+    assert gradcheck_module(head, x, t)
+
+
+def test_dimr_shapes_and_gradients():
+    """The whole network, x and the DDPM step t as inputs (y, an index, has no gradient)."""
+    cfg = MICRO
+    model = randomise(dimr.DiMR(cfg)).double()
+    x = f64(B, cfg.in_channels, cfg.input_size, cfg.input_size)
+    t = torch.tensor([130.0, 870.0], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, cfg.num_classes])
+    sizes = [cfg.input_size // p for p in cfg.patch_sizes]
+    assert [tuple(o.shape) for o in model(x, t, y)] == [(B, cfg.in_channels, s, s) for s in sizes]
+    assert gradcheck_module(model, x, t, pack=lambda x, t: (x, t, y))
 
 
 def test_gradient_checkpointing_gives_identical_gradients():
@@ -281,11 +336,40 @@ def test_table5_ablations_run(norm, mlp, depths, widths):
     assert meta_params(cfg) - glu == sum(b * 2 * w * w for b, w in zip(blocks, widths))
 
 
+class Payload:
+    """A class instance: torch.load(weights_only=True) refuses it, as it refuses any code."""
+
+
+class MakesDirectory:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):                                 # unpickling would call os.mkdir(path)
+        return os.mkdir, (str(self.path),)
+
+
 def test_checkpoint_save_is_atomic_and_load_is_safe(tmp_path):
     path = tmp_path / "c.pt"
     checkpoints.save({"a": torch.ones(2)}, path)
     assert torch.equal(checkpoints.load(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
-    path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
-        checkpoints.load(path)
+    good = path.read_bytes()
+
+    def error(data):
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            checkpoints.load(path)
+        message = str(e.value)
+        assert message.startswith(f"cannot read checkpoint {path}: ") and "\n" not in message
+        assert "weights_only" not in message and "False" not in message  # no unsafe advice
+        return message
+
+    not_a_checkpoint = "not a PyTorch checkpoint, or a truncated or corrupted one"
+    noise = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(0))
+    assert not_a_checkpoint in error(bytes(noise.tolist()))
+    assert not_a_checkpoint in error(good[:len(good) // 2])
+    checkpoints.save({"a": Payload()}, path)
+    assert re.search(r"carries pickled Python code \(\S*Payload\)", error(path.read_bytes()))
+    checkpoints.save({"model": MakesDirectory(tmp_path / "ran")}, path)
+    assert f"carries pickled Python code ({os.mkdir.__module__}.mkdir)" in error(path.read_bytes())
+    assert not (tmp_path / "ran").exists()

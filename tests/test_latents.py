@@ -2,9 +2,14 @@
 from a config stands in for the Stable Diffusion VAE; extraction -> shards -> train.py -> sample.py
 -> decoding, and a release-format checkpoint -> dimr.py convert -> sample.py.
 
-Most tests need the optional extra (pip install -r requirements-latent.txt) and skip without it."""
+Most tests need diffusers (pip install -r requirements-latent.txt). The README's test command
+installs it, so without it they fail instead of skipping."""
+import argparse
+import ast
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +25,18 @@ import vae as vae_lib
 from diffusion import dpm_solver_sample
 from release_reference import release_forward, release_state_dict
 
+DATA = Path(__file__).parent / "data"
 SCALE = 0.18215  # the Stable Diffusion VAE's latent scale (LDM), written out independently of vae.py
 IMAGE_SIZE = 64  # 64 px images -> 8x8x4 latents with the tiny f8 autoencoder
 TINY_DIMR = dict(widths=(32, 16), depths=(2, 2), num_heads=2)
 
 
 def needs_diffusers():
-    return pytest.importorskip("diffusers", reason="the optional extra: pip install -r requirements-latent.txt")
+    try:
+        import diffusers
+    except ImportError as e:
+        pytest.fail(f"diffusers is missing ({e}): pip install -r requirements-latent.txt")
+    return diffusers
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +161,106 @@ def test_vae_in_chunks_equals_one_call(tiny_vae_dir):
 
 def test_load_vae_errors(tmp_path):
     needs_diffusers()
-    with pytest.raises(FileNotFoundError, match="VAE directory not found"):
+    with pytest.raises(FileNotFoundError, match="VAE file or directory not found"):
         vae_lib.load_vae(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot load the VAE"):
         vae_lib.load_vae(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------------------------
+# The release's VAE file: LDM key names (U-ViT's autoencoder_kl_ema.pth), converted by vae.from_ldm
+
+def random_ldm_state_dict(shapes, seed):
+    """Random weights for (name, shape) pairs, drawn in that order from one generator: kernels
+    N(0, 1 / fan_in), GroupNorm gains 1 + N(0, 0.1^2), other vectors N(0, 0.1^2). The fixture
+    tests/data/release_vae_tiny.json holds what the release's own code computes with these
+    weights (its "made_by" says how it was made)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes:
+        w = torch.randn(shape, generator=g)
+        if len(shape) > 1:
+            sd[name] = w / torch.tensor(shape[1:]).prod().sqrt()
+        elif name.split(".")[-2].startswith("norm") and name.endswith("weight"):
+            sd[name] = 1 + 0.1 * w
+        else:
+            sd[name] = 0.1 * w
+    return sd
+
+
+def release_vae_tiny():
+    """The release autoencoder's design at ch 32, ch_mult (1, 2, 2), 1 res block: its keys and
+    shapes, and its decode / encode_moments on fixed inputs (run by its libs/autoencoder.py)."""
+    return json.loads((DATA / "release_vae_tiny.json").read_text())
+
+
+def test_release_vae_file_decodes_and_encodes_like_the_release(tmp_path):
+    """The LDM-format file, bare (.pth, as U-ViT ships it) or nested under 'state_dict' (.ckpt, as
+    LDM saves it), through load_vae: decode(z) and the scaled posterior mean equal the release's
+    FrozenAutoencoderKL.decode(z) and encode_moments(x)[:, :4] * 0.18215."""
+    fixture = release_vae_tiny()
+    sd = random_ldm_state_dict(fixture["state_dict"], fixture["seed"])
+    torch.save(sd, tmp_path / "autoencoder.pth")
+    torch.save({"state_dict": sd, "global_step": 7}, tmp_path / "autoencoder.ckpt")
+    for path in (tmp_path / "autoencoder.pth", tmp_path / "autoencoder.ckpt"):
+        vae = vae_lib.load_vae(path)
+        assert vae.config.block_out_channels == (32, 64, 64) and vae.config.layers_per_block == 1
+        torch.testing.assert_close(vae_lib.decode(vae, torch.tensor(fixture["z"])),
+                                   torch.tensor(fixture["decoded"]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vae_lib.encode(vae, torch.tensor(fixture["x"])),
+                                   torch.tensor(fixture["latent_mean"]), rtol=1e-5, atol=1e-6)
+
+
+def test_release_vae_keys_fill_the_stable_diffusion_vae():
+    """The release autoencoder's 248 keys and shapes at its real size (the state_dict of its
+    libs/autoencoder.py get_model, printed as tests/data/release_autoencoder_kl_state_dict.txt)
+    fill diffusers' AutoencoderKL with the SD VAE's config, every weight used once (meta tensors,
+    nothing allocated)."""
+    sd = {}
+    for line in (DATA / "release_autoencoder_kl_state_dict.txt").read_text().splitlines():
+        name, shape = line.split(" ", 1)
+        sd[name] = torch.empty(ast.literal_eval(shape), device="meta")
+    with torch.device("meta"):
+        vae = vae_lib.from_ldm(sd, "autoencoder_kl_ema.pth")
+    c = vae.config
+    assert (c.block_out_channels, c.layers_per_block, c.latent_channels, c.norm_num_groups,
+            c.in_channels, c.out_channels) == ((128, 256, 512, 512), 2, 4, 32, 3, 3)
+    assert len(sd) == 248
+    assert sum(p.numel() for p in vae.parameters()) == sum(w.numel() for w in sd.values()) \
+        == 83_653_863
+
+
+def test_release_vae_file_errors(tmp_path):
+    fixture = release_vae_tiny()
+    sd = random_ldm_state_dict(fixture["state_dict"], fixture["seed"])
+
+    def error(content):
+        path = tmp_path / "bad.pth"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(ValueError) as e:
+            vae_lib.load_vae(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "unexpected keys loss.logvar" in error({**sd, "loss.logvar": torch.zeros(())})
+    missing = {k: w for k, w in sd.items() if k != "decoder.up.0.block.1.conv2.bias"}
+    assert error(missing).endswith(
+        "no weights for diffusers' decoder.up_blocks.2.resnets.1.conv2.bias")  # LDM's level 0
+    assert error({**sd, "decoder.conv_in.weight": torch.zeros(64, 8, 3, 3)}).endswith(
+        "wrong shapes decoder.conv_in.weight (64, 8, 3, 3) (expected (64, 4, 3, 3))")
+    assert error({**sd, "decoder.mid.attn_1.q.weight": torch.zeros(64, 64, 3, 3)}).endswith(
+        "wrong shapes decoder.mid.attn_1.q.weight (64, 64, 3, 3) (expected (64, 64))")
+    assert error({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)}).endswith(
+        "no key encoder.down.0.block.0.conv1.weight")
+    assert error({"state_dict": [1, 2]}).endswith("expected a state_dict of tensors, got list")
+    assert error([1, 2]).endswith("expected a dict checkpoint, got list")
+    assert error(b"not a checkpoint").startswith(f"cannot read checkpoint {tmp_path / 'bad.pth'}")
+    # weights_only=True: pickled objects other than tensors and containers are refused, not run
+    assert "pickled Python code" in error({"state_dict": sd, "args": argparse.Namespace()})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""TD parameters and TD norms against the paper's closed forms (Sec. 3.3) and finite differences."""
+"""TD parameters and TD norms against the paper's closed forms (Sec. 3.3): values, the TD
+parameter's gradient written out, and gradcheck (finite differences) of the norms."""
+import pytest
 import torch
 
 from td_ln import TDLayerNorm, TDRMSNorm, TimeDependentParameter, time_input
+from util import gradcheck_module
 
 torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomise(module, scale=0.5):
@@ -35,24 +39,39 @@ def test_td_parameter_constant_at_init():
     assert torch.equal(td(torch.linspace(-1, 1, 7)), torch.zeros(7, 5))
 
 
-def test_td_parameter_gradient_matches_finite_differences():
+def test_td_parameter_gradient_closed_form():
+    """gamma = p1 + s (p0 - p1), s = sigmoid(z), z = (1 + w) t~ + b, so with s' = s (1 - s):
+    d/dp0 = s, d/dp1 = 1 - s, d/dw = s' t~ (p0 - p1), d/db = s' (p0 - p1),
+    d/dt~ = s' (1 + w) (p0 - p1), each summed over the batch against the upstream gradient."""
     td = randomise(TimeDependentParameter(4, 1.0)).double()
-    t = torch.tensor([-0.9, 0.1, 0.8], dtype=torch.float64)
-    params = tuple(td.parameters())
-    # the module's autograd gradient against central differences of the module itself
-    out = td(t)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, params, g)
-    eps = 1e-6
-    for p, gp in zip(params, grads):
-        for j in range(p.numel()):
-            with torch.no_grad():
-                p.view(-1)[j] += eps
-                up = (td(t) * g).sum()
-                p.view(-1)[j] -= 2 * eps
-                down = (td(t) * g).sum()
-                p.view(-1)[j] += eps
-            assert abs((up - down).item() / (2 * eps) - gp.view(-1)[j].item()) < 1e-7
+    t = torch.tensor([-0.9, 0.1, 0.8, 1.0], dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(4, 4, dtype=torch.float64)
+    got = torch.autograd.grad(td(t), (td.p0, td.p1, td.w, td.b, t), upstream)
+    p0, p1, w, b = (p.detach() for p in (td.p0, td.p1, td.w, td.b))
+    tt = t.detach()[:, None]                                                  # (B, 1)
+    s = 1 / (1 + torch.exp(-((1 + w) * tt + b)))                             # (B, D)
+    ds = s * (1 - s) * (p0 - p1)
+    want = [(upstream * s).sum(0), (upstream * (1 - s)).sum(0), (upstream * ds * tt).sum(0),
+            (upstream * ds).sum(0), (upstream * ds * (1 + w)).sum(1)]
+    assert (p0 - p1).abs().min() > 0.05 and w.abs().min() > 0 and b.abs().min() > 0
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("module, x_shape", [(TimeDependentParameter(3, 1.0), None),
+                                             (TDLayerNorm(5), (3, 2, 4, 5)),
+                                             (TDRMSNorm(5), (3, 4, 5))],
+                         ids=["td-parameter", "td-layernorm", "td-rmsnorm"])
+def test_gradcheck_in_inputs_and_parameters(module, x_shape):
+    module = randomise(module).double()
+    t = torch.tensor([-0.7, 0.2, 1.0], dtype=torch.float64, requires_grad=True)
+    if x_shape is None:
+        assert module(t).shape == (3, 3)
+        assert gradcheck_module(module, t)
+        return
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    assert module(x, t).shape == x_shape
+    assert gradcheck_module(module, x, t)
 
 
 def test_td_layernorm_at_init_is_plain_layernorm():
@@ -65,6 +84,7 @@ def test_td_layernorm_at_init_is_plain_layernorm():
 
 
 def test_td_layernorm_random_closed_form():
+    """Random TD parameters, a batch that mixes times, each sample against the formula."""
     norm = randomise(TDLayerNorm(8)).double()
     x = torch.randn(2, 4, 8, dtype=torch.float64)
     t = torch.tensor([-0.5, 0.9], dtype=torch.float64)
@@ -90,12 +110,3 @@ def test_td_rmsnorm_closed_form():
             v = x[i, l]
             rms = v.norm() / 12 ** 0.5
             assert torch.allclose(got[i, l], v / (rms + 1e-8) * g, atol=1e-12)
-
-
-def test_mixed_time_batch_equals_one_at_a_time():
-    norm = randomise(TDLayerNorm(10))
-    x = torch.randn(4, 3, 10)
-    t = torch.tensor([-0.9, -0.1, 0.4, 1.0])
-    batched = norm(x, t)
-    for i in range(4):
-        assert torch.allclose(batched[i:i + 1], norm(x[i:i + 1], t[i:i + 1]), atol=1e-6)
