@@ -7,6 +7,7 @@ rank 0 alone writes multi-GB checkpoints and sample files while the other ranks 
 """
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,34 @@ def all_reduce_mean(x):
     x = x.clone()
     dist.all_reduce(x)
     return x / world_size()
+
+
+def gather_rows(x):
+    """Concatenate every rank's rows (N_r, ...) in rank order; the ranks may hold different N_r.
+
+    All ranks get the result (an all_gather of padded tensors: NCCL and gloo both support it)."""
+    if not dist.is_initialized():
+        return x
+    sizes = torch.zeros(world_size(), dtype=torch.long, device=x.device)
+    sizes[rank()] = len(x)
+    dist.all_reduce(sizes)
+    padded = x.new_zeros((int(sizes.max()), *x.shape[1:]))
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes.tolist())])
+
+
+def run_main(fn):
+    """Run an entry point's work: errors a user can act on (bad input, missing files, NaN) end it
+    with one line `error: ...` from rank 0 and exit status 1; the other ranks exit silently."""
+    try:
+        fn()
+        shutdown(wait=True)
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
+        main_rank = is_main()
+        shutdown()
+        sys.exit(f"error: {e}" if main_rank else 1)
 
 
 def shutdown(wait=False):

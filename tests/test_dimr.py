@@ -320,6 +320,24 @@ def test_adaln_zero_blocks_start_as_identity():
     assert torch.equal(model.branches[0].blocks[0](tokens, c), tokens)
 
 
+def test_ln_ablation_prepends_a_time_token_and_a_class_token():
+    """U-ViT (Table 5's LN baseline): the Transformer branch sees [time token, class token, patches],
+    the time token the sinusoidal embedding of n (cos, then sin, of n * 10000^(-i / (D / 2)))."""
+    cfg = dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2, norm="ln")
+    model = dimr.DiMR(cfg).eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([7.0, 800.0]), torch.tensor([3, 10])
+    seen = []
+    model.branches[0].blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x, t, y)
+    tokens = seen[0]                                                     # (B, 2 + 16, D)
+    half = cfg.widths[0] // 2
+    angles = t[:, None] * torch.tensor([10000.0 ** (-i / half) for i in range(half)])
+    torch.testing.assert_close(tokens[:, 0], torch.cat([angles.cos(), angles.sin()], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 1], model.class_embed.weight[y])
+    assert tokens.shape[1] == 2 + (8 // cfg.patch_size) ** 2
+
+
 @pytest.mark.parametrize("norm, mlp, depths, widths", [
     ("ln", "gelu", (3,), (32,)), ("adaln_zero", "gelu", (3, 2), (32, 16)), ("td", "gelu", (3, 2), (32, 16)),
 ])
