@@ -656,12 +656,13 @@ def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
     if not math.isfinite(mean[0]):
         raise FloatingPointError(f"non-finite loss at step {step}; last good checkpoint: "
                                  f"{run.last_ckpt or 'none written yet'}")
+    if run.folder:
+        now = time.time()
+        run.folder.log(step, lr, mean, step - tick_step, now - tick_time, now - run.start)
     fid_due = cfg.fid_every and step % cfg.fid_every == 0
     if fid_due:
         fid_value = compute_fid(run.state.ema, cfg, run.inception, run.fid_ref, run.device, run.vae)
     if run.folder:
-        now = time.time()
-        run.folder.log(step, lr, mean, step - tick_step, now - tick_time, now - run.start)
         if fid_due:
             run.folder.log_fid(step, fid_value)
         if step % cfg.ckpt_every == 0 or preempted or finished or fid_due:

@@ -237,6 +237,67 @@ def test_ddp_accumulation_and_resume_equal_one_process(tmp_path):
     assert losses(ddp) == losses(ddp_resumed)
 
 
+def moments_distance(mu1, sigma1, mu2, sigma2):
+    """A cheap stand-in for the Fréchet distance in the FID-during-training tests (scipy's sqrtm of
+    a 2048 x 2048 product takes minutes on a loaded 2-core CPU; tests/test_fid.py checks the real
+    one): a function of the same statistics, so it still sees every gathered feature row."""
+    return float(np.sum((mu1 - mu2) ** 2) + abs(np.trace(sigma1) - np.trace(sigma2)))
+
+
+def fid_worker(rank, argv, port):
+    """One process of a 2-process train.py run started by torch.multiprocessing.spawn."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import fid
+    fid.frechet_distance = moments_distance
+    train.main(argv)
+
+
+def test_fid_during_training_on_two_processes(tmp_path, monkeypatch):
+    """--fid-every on 2 processes: each samples and embeds its share of the FID samples and rank 0
+    gets every row: the value logged at each FID step equals the one recomputed here from that
+    checkpoint's EMA in one process (same seeds, 'even' labels, sampler, no guidance)."""
+    import fid
+    import sample
+    inception = fid.load_inception()
+    real = np.repeat(np.clip(load_digits().images[:10] * 16, 0, 255).astype(np.uint8)[..., None], 3, -1)
+    ref = fid.feature_statistics(fid.inception_features(real, inception))
+    fid.save_statistics(tmp_path / "ref.npz", *ref)
+    argv = [*TINY, *QUIET, "--results-dir", str(tmp_path / "runs"), "--steps", "4", *COMMON, "--log-every", "2",
+            "--ckpt-every", "2", "--keep", "2", "--fid-every", "2", "--fid-ref", str(tmp_path / "ref.npz"),
+            "--fid-images", "5", "--sample-steps", "3"]
+    torch.multiprocessing.spawn(fid_worker, args=(argv, free_port()), nprocs=2)
+    run_dir = next((tmp_path / "runs").iterdir())
+    logged = {s["step"]: s["fid"] for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())
+              if "fid" in s}
+    assert set(logged) == {2, 4}
+    for step in (2, 4):
+        ckpt = checkpoints.load(run_dir / "checkpoints" / f"ckpt_{step:07d}.pt")
+        ema = dimr.DiMR(dimr.config_from_dict(ckpt["config"]))
+        ema.load_state_dict(ckpt["ema"])
+        labels = np.arange(5) * 10 // 5                       # 'even' classes over the 10 digits
+        x = sample.generate(ema.eval(), labels, train.FID_SEED + np.arange(5), steps=3, cfg_scale=0.0)
+        features = fid.inception_features(sample.to_uint8(x), inception)
+        expected = moments_distance(*fid.feature_statistics(features), *ref)
+        assert logged[step] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_best_fid_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
+    """FIDs 5, 3, 4, 6 at steps 2, 4, 6, 8 with --keep 1: step 4's checkpoint stays beside the
+    last one, stats.jsonl holds every FID, and the summary names the best."""
+    values = iter([5.0, 3.0, 4.0, 6.0])
+    monkeypatch.setattr(train.fid, "load_inception", lambda device: None)
+    monkeypatch.setattr(train.fid, "load_statistics", lambda path: None)
+    monkeypatch.setattr(train, "compute_fid", lambda *args: next(values))
+    run_dir = run(tmp_path, "--steps", "8", "--log-every", "2", "--ckpt-every", "2", "--keep", "1",
+                  "--fid-every", "2", "--fid-ref", "unused.npz")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt_0000004.pt", "ckpt_0000008.pt"]
+    fids = [(s["step"], s["fid"]) for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())
+            if "fid" in s]
+    assert fids == [(2, 5.0), (4, 3.0), (6, 4.0), (8, 6.0)]
+    assert "best FID-10000: 3.0000 at step 4" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume equivalence
 
