@@ -19,7 +19,6 @@ import argparse
 import functools
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import checkpoints
+import distributed
 import fid
 from data import DIGITS_CLASSES, DIGITS_LEVELS, DIGITS_SIZE, load_real_digits
 from sample import generate, save_grid, to_uint8
@@ -197,28 +197,28 @@ def main(argv=None):
     batch = sub.add_parser("ref-batch", help="write the real digits as an ADM reference batch")
     batch.add_argument("-o", "--output", required=True, type=Path, help=".npz to write")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "ref-batch":
-            shape = write_reference_batch(args.output)
-            print(f"wrote {args.output}: arr_0 uint8 {list(shape)}, labels")
-            return
-        images, labels = _samples_npz(args.samples)
-        result = digit_class_accuracy(images, labels)
-        device = fid.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = functools.cache(lambda: fid.load_inception(args.weights, device))
-        if args.ref:
-            mu_ref, sigma_ref = fid.statistics_of(args.ref, model, args.batch_size,
-                                                  args.preprocessing)
-        else:
-            mu_ref, sigma_ref = reference_statistics(model(), args.batch_size, args.preprocessing)
-        features = fid.inception_features(images, model(), args.batch_size, args.preprocessing,
-                                          label=f"demo: {Path(args.samples).name}")
-        mu, sigma = fid.feature_statistics(features)
-        print(f"FID: {fid.frechet_distance(mu, sigma, mu_ref, sigma_ref):.4f}")
-        per_class = ", ".join(f"{c}: {a:.3f}" for c, a in enumerate(result["per_class"]))
-        print(f"class accuracy: {result['accuracy']:.4f} ({per_class})")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    distributed.run_main(lambda: run(args))
+
+
+def run(args):
+    if args.command == "ref-batch":
+        shape = write_reference_batch(args.output)
+        print(f"wrote {args.output}: arr_0 uint8 {list(shape)}, labels")
+        return
+    images, labels = _samples_npz(args.samples)
+    result = digit_class_accuracy(images, labels)
+    device = fid.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = functools.cache(lambda: fid.load_inception(args.weights, device))
+    if args.ref:
+        mu_ref, sigma_ref = fid.statistics_of(args.ref, model, args.batch_size, args.preprocessing)
+    else:
+        mu_ref, sigma_ref = reference_statistics(model(), args.batch_size, args.preprocessing)
+    features = fid.inception_features(images, model(), args.batch_size, args.preprocessing,
+                                      label=f"demo: {Path(args.samples).name}")
+    mu, sigma = fid.feature_statistics(features)
+    print(f"FID: {fid.frechet_distance(mu, sigma, mu_ref, sigma_ref):.4f}")
+    per_class = ", ".join(f"{c}: {a:.3f}" for c, a in enumerate(result["per_class"]))
+    print(f"class accuracy: {result['accuracy']:.4f} ({per_class})")
 
 
 if __name__ == "__main__":
