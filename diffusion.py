@@ -10,7 +10,8 @@ lambda_t = log(alpha_t / sigma_t) and h = lambda_t - lambda_s. Read top to botto
    continuous-time view t in [1/1000, 1] (n = 1000 t) the sampler works in.
 2. Multi-scale targets and loss (paper Sec. 3.2).
 3. Classifier-free guidance: the model wrapper that turns DiMR into eps_fn(x, n).
-4. DPM-Solver++ (data prediction), multistep and singlestep, orders 1-3; DDPM ancestral sampling.
+4. DPM-Solver++ (data prediction), multistep and singlestep, orders 1-3; UniPC (Zhao et al.,
+   NeurIPS 2023, arXiv 2302.04867), orders 1-3, on the same steps; DDPM ancestral sampling.
 How accurately each sampler solves the ODE is measured by sampler_error.py.
 """
 import math
@@ -196,18 +197,39 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
 # Expanding x0 around lambda_s as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_s) / h, so that
 # D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
 # A solver of order k estimates D0..D_{k-1}: singlestep from extra evaluations inside [s, t],
-# multistep from the previous steps' data predictions.
+# multistep from the previous steps' data predictions. UniPC (`unipc`) is multistep with a
+# corrector that reuses the next step's evaluation.
 
 SPACINGS = ("time_uniform", "time_quadratic", "logSNR")
-METHODS = ("singlestep", "multistep")
+METHODS = ("singlestep", "multistep", "unipc")
 ORDERS = (1, 2, 3)
+VARIANTS = ("bh1", "bh2")  # UniPC's B(h), see uni_sum
 
 # The authors' release: its dpm_solver.py, DPM_Solver(..., predict_x0=True).sample(x, steps,
 # eps=1/1000, T=1) with the defaults order=3, skip_type='time_uniform', method='fast': our
 # singlestep solver on a time-uniform grid (see `singlestep`).
 RELEASE_SAMPLER = dict(order=3, method="singlestep", skip="time_uniform")
-# Our default, chosen by measurement (README, "Sampler accuracy").
-DEFAULT_SAMPLER = dict(order=3, method="singlestep", skip="logSNR")
+# Our default, chosen by measurement (README, "Sampler accuracy"): UniPC-3 with B(h) 'bh1' on logSNR
+# steps; with fewer than FEW_STEPS evaluations, where third order is the less accurate, UniPC-2 with
+# 'bh2' and lower-order final steps.
+DEFAULT_SAMPLER = dict(order=3, method="unipc", skip="logSNR", variant="bh1",
+                       lower_order_final=False)
+FEW_STEPS = 8
+FEW_STEPS_SAMPLER = dict(DEFAULT_SAMPLER, order=2, variant="bh2", lower_order_final=True)
+
+
+def sampler_settings(steps, **given):
+    """The settings of a run of `steps` evaluations: those given (not None) over the default's."""
+    default = FEW_STEPS_SAMPLER if steps < FEW_STEPS else DEFAULT_SAMPLER
+    return {**default, **{k: v for k, v in given.items() if v is not None}}
+
+
+def sampler_name(settings):
+    """'unipc 3 logSNR bh1', 'unipc 2 logSNR bh2, lower-order final', 'multistep 3 logSNR'."""
+    name = f"{settings['method']} {settings['order']} {settings['skip']}"
+    if settings["method"] == "unipc":
+        name += f" {settings['variant']}" + ", lower-order final" * settings["lower_order_final"]
+    return name
 
 
 def time_steps(schedule, skip, num):
@@ -336,29 +358,103 @@ def multistep(x0, ns, x, ts, order):
     return x
 
 
-SOLVERS = {"singlestep": singlestep, "multistep": multistep}
+def uni_coefficients(h, rs, variant):
+    """B(h) and a_1..a_p of uni_sum for the ratios rs = [r_1, ..., r_p] (float64 [p])."""
+    B = -h if variant == "bh1" else math.expm1(-h)
+    if len(rs) == 1:
+        return B, torch.tensor([0.5], dtype=torch.float64)
+    hphi, g = math.expm1(-h), []  # h phi_1(-h)
+    for j in range(1, len(rs) + 1):
+        hphi = hphi / -h - 1 / math.factorial(j)  # h phi_{j+1}(-h)
+        g.append(math.factorial(j) * hphi / B)
+    R = torch.tensor([[r ** (j - 1) for r in rs] for j in range(1, len(rs) + 1)],
+                     dtype=torch.float64)  # R_jm = r_m^(j-1)
+    return B, torch.linalg.solve(R, torch.tensor(g, dtype=torch.float64))
 
 
-def dpm_solver_sample(eps_fn, x_T, steps, order=DEFAULT_SAMPLER["order"],
-                      method=DEFAULT_SAMPLER["method"], skip=DEFAULT_SAMPLER["skip"],
-                      schedule=None, progress=None):
+def uni_sum(lams, ms, variant, m_t=None):
+    """B(h) sum_m a_m D_m / r_m of the UniPC update in data prediction (Zhao et al. 2023, Sec. 3):
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) m_0 - alpha_t B(h) sum_m a_m D_m / r_m,
+
+    where the first two terms are DDIM (exp_step) and h = lambda_t - lambda_s. ms: the data
+    predictions at the last k grid points, oldest first, m_0 = ms[-1] at s; lams: lambda at those
+    points, then at t. Each earlier point gives r_m = (lambda_m - lambda_s) / h < 0 and
+    D_m = m_m - m_0: UniP, the predictor, uses these. UniC, the corrector, is given m_t, the data
+    prediction at the predicted x_t, and adds r = 1, D = m_t - m_0. With p >= 2 differences the
+    a_m solve
+        sum_m a_m r_m^(j-1) = j! h phi_{j+1}(-h) / B(h),   j = 1..p,
+    with h phi_1(-h) = e^-h - 1 and h phi_{j+1}(-h) = h phi_j(-h) / (-h) - 1/j!: the update is
+    then the exact integral of the polynomial in lambda through the p + 1 data predictions,
+    whatever B(h). With one difference a_1 = 1/2, and B(h) decides the step: B(h) = -h ('bh1')
+    or e^-h - 1 ('bh2', which makes UniP-2 DPM-Solver++(2M)), the paper's B_1(h) = h and
+    B_2(h) = e^h - 1 taken at -h, as the official code does in data prediction.
+    """
+    lam_s, lam_t = lams[-2], lams[-1]
+    h = lam_t - lam_s
+    rs = [(lam - lam_s) / h for lam in lams[-3::-1]]  # the newest earlier point first
+    Ds = [m - ms[-1] for m in ms[-2::-1]]
+    if m_t is not None:  # UniC
+        rs, Ds = rs + [1.0], Ds + [m_t - ms[-1]]
+    if not rs:  # UniP-1 is DDIM
+        return 0.0
+    B, a = uni_coefficients(h, rs, variant)
+    return B * sum(float(a_m) * D / r for a_m, D, r in zip(a, Ds, rs))
+
+
+def unipc(x0, ns, x, ts, order, variant, lower_order_final, corrector=True):
+    """UniPC-p (Zhao et al. 2023), multistep: each step predicts x_t by UniP from the last k data
+    predictions, evaluates x0 there, and corrects x_t by UniC from the same points and that
+    evaluation, which is also the next step's data prediction: one evaluation per step. The last
+    step is not corrected (its evaluation would serve no later step). Step i = 1..steps has order
+    k = min(order, i) (warm-up), and with lower_order_final at most steps + 1 - i, the official
+    code's lower_order_final. corrector=False: UniP alone.
+    """
+    lam, alpha = ns.lambda_t(ts).tolist(), ns.alpha_t(ts).tolist()
+    steps = len(ts) - 1
+    ms = [x0(x, ts[0])]  # data predictions at the last `order` grid points, oldest first
+    for i in range(1, steps + 1):
+        k = min(order, i, steps + 1 - i) if lower_order_final else min(order, i)
+        x_ddim = exp_step(ns, x, ts[i - 1], ts[i], ms[-1])
+        x_pred = x_ddim - alpha[i] * uni_sum(lam[i - k:i + 1], ms[-k:], variant)  # UniP
+        if i == steps:
+            return x_pred
+        m_t = x0(x_pred, ts[i])
+        if corrector:  # UniC
+            x = x_ddim - alpha[i] * uni_sum(lam[i - k:i + 1], ms[-k:], variant, m_t)
+        else:
+            x = x_pred
+        ms = (ms + [m_t])[-order:]
+
+
+SOLVERS = {"singlestep": singlestep, "multistep": multistep, "unipc": unipc}
+
+
+def dpm_solver_sample(eps_fn, x_T, steps, order=None, method=None, skip=None, variant=None,
+                      lower_order_final=None, schedule=None, progress=None):
     """Solve the probability-flow ODE from n = 1000 (t = 1) to n = 1 (t = 1/1000).
 
     eps_fn(x, n): noise prediction, n a float tensor [B] on the 0..1000 step scale (n = 1000 t).
     steps: number of eps_fn evaluations; order: 1, 2 or 3; method: one of METHODS; skip: the
-    spacing of the time grid, one of SPACINGS. schedule: a DiscreteSchedule (default the
-    release's). progress(done, steps) is called after each evaluation. Returns x at t = 1/1000
-    (n = 1), as the release does.
+    spacing of the time grid, one of SPACINGS; UniPC only: variant, its B(h), one of VARIANTS,
+    and lower_order_final (see `unipc`); settings left None are the default's (sampler_settings).
+    schedule: a DiscreteSchedule (default the release's). progress(done, steps) is called after
+    each evaluation. Returns x at t = 1/1000 (n = 1), as the release does.
     """
+    settings = sampler_settings(steps, order=order, method=method, skip=skip, variant=variant,
+                                lower_order_final=lower_order_final)
+    order, method, skip = settings["order"], settings["method"], settings["skip"]
     for name, value, choices in (("method", method, METHODS), ("order", order, ORDERS),
-                                 ("step spacing", skip, SPACINGS)):
+                                 ("step spacing", skip, SPACINGS),
+                                 ("UniPC variant", settings["variant"], VARIANTS)):
         if value not in choices:
             raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(map(str, choices))}")
     if steps < order:
         raise ValueError(f"steps ({steps}) must be at least the order ({order})")
     ns = DiscreteSchedule() if schedule is None else schedule
     x0 = DataPrediction(eps_fn, ns, steps, progress)
-    x = SOLVERS[method](x0, ns, x_T, time_steps(ns, skip, steps), order)
+    options = {k: settings[k] for k in ("variant", "lower_order_final") if method == "unipc"}
+    x = SOLVERS[method](x0, ns, x_T, time_steps(ns, skip, steps), order, **options)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"the sampler's result is not finite ({method} order {order}, "
                                  f"{steps} steps): the model returned NaN/inf")

@@ -34,17 +34,21 @@ import dimr
 import distributed
 import vae as vae_lib
 import diffusion
-from diffusion import DEFAULT_SAMPLER, ORDERS, RELEASE_SAMPLER, SPACINGS, ddpm_sample, dpm_solver_sample
+from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, ORDERS, RELEASE_SAMPLER,
+                       SPACINGS, VARIANTS, ddpm_sample, dpm_solver_sample, sampler_settings)
 from progress import Progress
 
 RELEASE_CFG_SCALE = 0.4  # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
-DEFAULT_STEPS = 50  # our sampler at 50 evaluations; the release used 250 for FID-50K (see --help)
+# The default sampler at 25 evaluations solves the ODE at least as accurately as the release's
+# FID-50K setting, 250 evaluations of its own sampler (README, "Sampler accuracy").
+DEFAULT_STEPS = 25
 GRID_MAX = 64  # images in grid.png
 GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
 GRID_PAD = 4  # white pixels around each grid cell
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of the network
-# DPM-Solver++ variants; 'release': the release's sampler (RELEASE_SAMPLER, whatever order and skip
-# say); 'ddpm': DDPM ancestral sampling with all 1000 steps.
+# diffusion.METHODS: UniPC ('unipc', the default) and DPM-Solver++ ('singlestep', 'multistep');
+# 'release': the release's sampler (RELEASE_SAMPLER, whatever order and skip say); 'ddpm': DDPM
+# ancestral sampling with all 1000 steps.
 SAMPLERS = (*diffusion.METHODS, "release", "ddpm")
 CLASSES_HELP = ("class of image i: 'even' (image i of N gets class floor(i K / N): exactly N / K per "
                 "class, in class order, as the release's FID-50K, when K divides N), a list '3,1,4' or "
@@ -73,15 +77,15 @@ def check_labels(labels, num_classes):
 
 @torch.no_grad()
 def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE, decay_power=None,
-             order=DEFAULT_SAMPLER["order"], method=DEFAULT_SAMPLER["method"], skip=DEFAULT_SAMPLER["skip"],
-             batch_size=64, device="cpu", amp_dtype=None):
+             order=None, method=DEFAULT_SAMPLER["method"], skip=None, variant=None,
+             lower_order_final=None, batch_size=64, device="cpu", amp_dtype=None):
     """Class-conditional samples in model space (pixels in [-1, 1] or scaled latents), float32 CPU.
 
     labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
     cfg_scale: the release's s (0 = no guidance); decay_power: power-cosine decay of the guidance;
-    order / method / skip / steps: diffusion.dpm_solver_sample; method 'release': the release's
-    sampler (RELEASE_SAMPLER); 'ddpm': 1000 ancestral steps (diffusion.ddpm_sample; steps, order
-    and skip unused); amp_dtype: run the
+    order / method / skip / variant / lower_order_final / steps: diffusion.dpm_solver_sample (None:
+    the default's); method 'release': the release's sampler (RELEASE_SAMPLER); 'ddpm': 1000
+    ancestral steps (diffusion.ddpm_sample; the other sampler settings unused); amp_dtype: run the
     network under autocast to this dtype (the solver's own arithmetic stays float32).
     Returns [N, C, H, W].
     """
@@ -94,7 +98,8 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if method not in SAMPLERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
-    solver = RELEASE_SAMPLER if method == "release" else dict(order=order, method=method, skip=skip)
+    solver = RELEASE_SAMPLER if method == "release" else dict(
+        order=order, method=method, skip=skip, variant=variant, lower_order_final=lower_order_final)
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
@@ -234,16 +239,27 @@ def build_parser():
                    help="power-cosine guidance decay: w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; "
                         "default constant guidance")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help="network evaluations of the sampler (with guidance each one pass over a doubled "
-                        "batch: conditional and null class). The release's FID-50K setting is --steps 250 "
+                   help="network evaluations of the sampler (with guidance each one pass over a "
+                        "doubled batch: conditional and null class); the default sampler at 25 is "
+                        "at least as accurate as the release's FID-50K setting, --steps 250 "
                         "--method release")
-    p.add_argument("--order", type=int, choices=ORDERS, default=DEFAULT_SAMPLER["order"], help="solver order")
+    few = f"below {FEW_STEPS} steps"
     p.add_argument("--method", choices=SAMPLERS, default=DEFAULT_SAMPLER["method"],
-                   help="DPM-Solver++ variant; 'release': the release's own sampler (its dpm_solver.py "
-                        "'fast' method, third order on a time-uniform grid; --order and --skip do not "
-                        "apply); 'ddpm': DDPM ancestral sampling with all 1000 steps (the baseline; "
-                        "--steps, --order and --skip do not apply)")
-    p.add_argument("--skip", choices=SPACINGS, default=DEFAULT_SAMPLER["skip"], help="DPM-Solver step spacing")
+                   help="'unipc': UniPC (Zhao et al. 2023); 'singlestep', 'multistep': "
+                        "DPM-Solver++; 'release': the release's own sampler (its dpm_solver.py "
+                        "'fast' method, third order on a time-uniform grid; the other sampler "
+                        "flags do not apply); 'ddpm': DDPM ancestral sampling with all 1000 steps "
+                        "(the baseline; --steps and the other sampler flags do not apply)")
+    p.add_argument("--order", type=int, choices=ORDERS, default=None,
+                   help=f"solver order (None: {DEFAULT_SAMPLER['order']}, {few} "
+                        f"{FEW_STEPS_SAMPLER['order']})")
+    p.add_argument("--skip", choices=SPACINGS, default=None,
+                   help=f"step spacing (None: {DEFAULT_SAMPLER['skip']})")
+    p.add_argument("--variant", choices=VARIANTS, default=None,
+                   help=f"UniPC's B(h) (None: {DEFAULT_SAMPLER['variant']}, {few} "
+                        f"{FEW_STEPS_SAMPLER['variant']})")
+    p.add_argument("--lower-order-final", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"UniPC: lower the order of the last steps (None: only {few})")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per forward pass and per saved batch (a resumed run needs the same)")
@@ -256,10 +272,19 @@ def build_parser():
     return p
 
 
+def solver_settings(args):
+    """The dpm_solver_sample settings of a run: the release's, or the flags over the default's."""
+    if args.method == "release":
+        return RELEASE_SAMPLER
+    return sampler_settings(args.steps, order=args.order, method=args.method, skip=args.skip,
+                            variant=args.variant, lower_order_final=args.lower_order_final)
+
+
 def check_args(args):
     problems = [f"{flag} must be >= {lo}, got {v}" for flag, v, lo in
                 (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
-                 ("--steps", args.steps, 1 if args.method == "ddpm" else args.order),
+                 ("--steps", args.steps,
+                  1 if args.method == "ddpm" else solver_settings(args)["order"]),
                  ("--seed", args.seed, 0), ("--cfg-scale", args.cfg_scale, 0))
                 if v < lo]
     if args.decay_power is not None and args.decay_power <= 0:
@@ -304,8 +329,8 @@ def run(args):
     vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
     out = Path(args.out)
     sampler = ("DDPM, 1000 ancestral steps" if args.method == "ddpm" else
-               f"{args.steps} steps " + ("of the release's sampler" if args.method == "release" else
-                                         f"{args.method} order {args.order} {args.skip}"))
+               f"{args.steps} steps of " + ("the release's sampler" if args.method == "release" else
+                                            diffusion.sampler_name(solver_settings(args))))
     distributed.print0(f"sampling {args.num_images} images of {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
                        f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} process(es): {sampler}, "
                        f"cfg scale {args.cfg_scale}, decay power {args.decay_power}, {args.weights} weights, "
@@ -328,6 +353,7 @@ def run(args):
         idx = batches[b]
         x = generate(model, labels[idx], args.seed + idx, steps=args.steps, cfg_scale=args.cfg_scale,
                      decay_power=args.decay_power, order=args.order, method=args.method, skip=args.skip,
+                     variant=args.variant, lower_order_final=args.lower_order_final,
                      batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
         images = decode_to_uint8(x.to(device), cfg, vae)
         if not args.no_png:
@@ -356,12 +382,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-        distributed.shutdown(wait=True)
-    except (ValueError, OSError, ImportError, FloatingPointError) as e:
-        distributed.shutdown()
-        sys.exit(f"error: {e}")
+    distributed.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

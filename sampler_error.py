@@ -2,6 +2,7 @@
 
     python sampler_error.py gaussian                      # exact solution in closed form
     python sampler_error.py checkpoint CKPT --cfg-scale 1 # trained model: a converged solution
+    python sampler_error.py checkpoint CKPT --rows release default --evals 10 12 50 250
 
 Both print a markdown table: the RMS distance, over all samples and dimensions, between the
 sampler's x at n = 1 and the ODE's solution from the same x_T, per number of model evaluations.
@@ -20,10 +21,20 @@ import sys
 import torch
 
 import dimr
-from diffusion import (DEFAULT_SAMPLER, METHODS, NUM_TIMESTEPS, ORDERS, RELEASE_SAMPLER, SPACINGS,
-                       DiscreteSchedule, dpm_solver_sample, guided_eps_fn)
+from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHODS, NUM_TIMESTEPS,
+                       ORDERS, RELEASE_SAMPLER, SPACINGS, VARIANTS, DiscreteSchedule,
+                       dpm_solver_sample, guided_eps_fn, sampler_name)
 
-NAMED = [("release (its dpm_solver.py 'fast')", RELEASE_SAMPLER), ("default", DEFAULT_SAMPLER)]
+# The named rows (--rows): the release's sampler, DPM-Solver++ (singlestep 3 was the default before
+# UniPC), the UniPC candidates, and the default (dpm_solver_sample's, which depends on the steps).
+ROWS = {"release": ("release (its dpm_solver.py 'fast')", RELEASE_SAMPLER),
+        "dpm-3s": ("DPM-Solver++(3S)", dict(method="singlestep", order=3, skip="logSNR")),
+        "dpm-3m": ("DPM-Solver++(3M)", dict(method="multistep", order=3, skip="logSNR")),
+        **{f"unipc-{o}-{v}{'-lof' * lof}": (f"UniPC-{o} {v}{', lower-order final' * lof}",
+                                            dict(method="unipc", order=o, skip="logSNR", variant=v,
+                                                 lower_order_final=lof))
+           for v in VARIANTS for o in (2, 3) for lof in (False, True)},
+        "default": ("**default**", {})}
 
 
 def rms(a, b):
@@ -77,25 +88,27 @@ def print_table(rows, evals, eps_fn, x_T, solution):
         print(f"| {name} | {' | '.join(f'{err:.2e}' for err in errors)} |", flush=True)
 
 
-def describe(solver):
-    return f"{solver['method']} {solver['order']} {solver['skip']}"
-
-
 def main(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--evals", type=int, nargs="+", default=[10, 20, 50, 100],
+                        help="numbers of model evaluations (the table's columns)")
+    common.add_argument("--seed", type=int, default=0, help="seed of x_T (and of mu for gaussian)")
+    common.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
+                        help=f"the named rows to measure (default all): {', '.join(ROWS)}")
+    common.add_argument("--all", action="store_true",
+                        help="also every method x order x spacing (x UniPC variant)")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--evals", type=int, nargs="+", default=[10, 20, 50, 100],
-                   help="numbers of model evaluations (the table's columns)")
-    p.add_argument("--seed", type=int, default=0, help="seed of x_T (and of mu for gaussian)")
-    p.add_argument("--all", action="store_true",
-                   help="also every method x order x spacing, not only the release's and the default")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gaussian", help="Gaussian data: the exact solution is known")
+    g = sub.add_parser("gaussian", parents=[common],
+                       help="Gaussian data: the exact solution is known")
     g.add_argument("--spectrum", choices=["image", "two-scale"], default="image",
                    help="'image': s from a natural-image-like spectrum; 'two-scale': s = 0.5 and 2")
     g.add_argument("--side", type=int, default=32, help="grid side; the data has side^2 dimensions")
     g.add_argument("--batch", type=int, default=32, help="number of samples x_T")
-    c = sub.add_parser("checkpoint", help="a trained model: against a converged solution")
-    c.add_argument("checkpoint", help="train.py checkpoint (EMA weights) or `dimr.py convert` output")
+    c = sub.add_parser("checkpoint", parents=[common],
+                       help="a trained model: against a converged solution")
+    c.add_argument("checkpoint",
+                   help="train.py checkpoint (EMA weights) or `dimr.py convert` output")
     c.add_argument("--num-images", type=int, default=40, help="samples x_T (seeds 0..N-1)")
     c.add_argument("--cfg-scale", type=float, default=1.0,
                    help="guidance s, as sample.py (eps_c + s (eps_c - eps_u)); 0 = none")
@@ -105,9 +118,13 @@ def main(argv=None):
     try:
         if min(args.evals) < max(ORDERS):
             raise ValueError(f"every --evals must be >= {max(ORDERS)}")
-        rows = NAMED + [(f"{m} {o} {s}", dict(method=m, order=o, skip=s))
-                        for m in METHODS for o in ORDERS for s in SPACINGS] * args.all
-        print("rows: " + "; ".join(f"{name} = {describe(solver)}" for name, solver in NAMED[:2]))
+        every = [dict(method=m, order=o, skip=s, variant=v, lower_order_final=False)
+                 for m in METHODS for o in ORDERS for s in SPACINGS
+                 for v in (VARIANTS if m == "unipc" else VARIANTS[:1])]
+        rows = [ROWS[key] for key in args.rows] + [(sampler_name(x), x) for x in every] * args.all
+        print(f"release = {sampler_name(RELEASE_SAMPLER)}; default = "
+              f"{sampler_name(DEFAULT_SAMPLER)}, below {FEW_STEPS} evaluations "
+              f"{sampler_name(FEW_STEPS_SAMPLER)}")
         if args.command == "gaussian":
             mu, s, x_T = gaussian_problem(args.spectrum, args.side, args.batch, args.seed)
             eps_fn, solution = gaussian_solution(mu, s, x_T)

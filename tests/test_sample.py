@@ -59,10 +59,12 @@ def test_to_uint8_rounds_and_clips_like_the_adm_conversion():
 
 
 @pytest.mark.parametrize("method,order,skip", [("singlestep", 3, "time_uniform"), ("multistep", 2, "logSNR"),
-                                               ("multistep", 3, "time_quadratic")])
+                                               ("multistep", 3, "time_quadratic"),
+                                               ("unipc", 3, "logSNR")])
 def test_generate_starts_image_i_from_seed_i(method, order, skip):
     """With eps = 0 the probability-flow ODE maps x_T to x_T * alpha(n=1) / alpha(n=1000) exactly, and
-    every DPM-Solver step is exact for it, so the output exposes each image's starting noise."""
+    every DPM-Solver and UniPC step is exact for it, so the output exposes each image's starting
+    noise."""
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
     alpha_bar = np.cumprod(1 - betas)
     factor = np.sqrt(alpha_bar[0]) / np.sqrt(alpha_bar[-1])
@@ -175,8 +177,9 @@ def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
 
 def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10, solver=None):
     """What the CLI should write, written out: x_T from each seed's generator, the release's guidance
-    eps_c + s (eps_c - eps_u) at its default s = 0.4, DPM-Solver++ (diffusion.py, tested against closed
-    forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey channel repeated."""
+    eps_c + s (eps_c - eps_u) at its default s = 0.4, the default sampler (diffusion.py, tested
+    against closed forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey channel
+    repeated."""
     x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
     y = torch.tensor(labels)
 
@@ -321,7 +324,8 @@ def test_bad_input_gets_one_line_errors(tmp_path):
     assert run_error([str(ckpt), "--classes", "3,10", *out]) == \
         "error: class ids [10] out of range 0..9 (this model has 10 classes)"
     assert "--num-images must be >= 1" in run_error([str(ckpt), "--num-images", "0", *out])
-    assert "--steps must be >= 3" in run_error([str(ckpt), "--steps", "2", *out])
+    assert "--steps must be >= 3" in run_error([str(ckpt), "--steps", "2", "--order", "3", *out])
+    assert "--steps must be >= 2" in run_error([str(ckpt), "--steps", "1", *out])  # default order 2
     with pytest.raises(ValueError, match="unknown method 'ddim'"):
         sample.generate(tiny_model(0), [1], [0], method="ddim")
     assert "--cfg-scale must be >= 0" in run_error([str(ckpt), "--cfg-scale", "-1", *out])
