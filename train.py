@@ -102,7 +102,7 @@ class TrainConfig:
     ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every")
     keep: int = opt(3, "checkpoints kept (the best-FID one is kept besides)")
     sample_every: int = opt(10_000, "steps per EMA sample grid, a multiple of --log-every; 0: none")
-    sample_steps: int = opt(25, "sampler evaluations of grids, FID samples, digits evaluation")
+    sample_steps: int = opt(10, "sampler evaluations of grids, FID samples, digits evaluation")
     cfg_scale: float = opt(sample.RELEASE_CFG_SCALE, "guidance s of the grids and the digits "
                                                      "evaluation, as in sample.py")
     fid_every: int = opt(0, "steps per FID of EMA samples (no guidance, as the release), a "
@@ -113,14 +113,14 @@ class TrainConfig:
     vae: str = opt(vae_lib.DEFAULT_VAE, "latent data: the VAE that decodes samples (vae.load_vae)")
     workers: int = opt(8, "DataLoader worker processes per process for image folders")
     threads: int | None = opt(None, "CPU threads per process (default OMP_NUM_THREADS if set, as "
-                                    "torchrun sets it, else all cores)")
+                                    "torchrun sets it, else the idle cores)")
 
 
 PAPER = TrainConfig()
 # The digits demo: DiMR-S/2R on the CPU (README, "The digits demo", says why it departs from PAPER).
 DEMO = replace(PAPER, variant="DiMR-S/2R", data="digits", batch_size=64, lr=3e-3, betas=(0.9, 0.99),
-               warmup=100, ema=0.995, steps=2000, minutes=7.5, grad_checkpointing=False,
-               ckpt_every=500, sample_every=1000, cfg_scale=1.0)
+               warmup=100, ema=0.99, steps=1200, minutes=4.0, grad_checkpointing=False,
+               ckpt_every=400, sample_every=400, cfg_scale=1.0)
 RECIPES = {
     "DiMR-XL/2R": PAPER,
     "DiMR-G/2R": replace(PAPER, variant="DiMR-G/2R"),
@@ -586,11 +586,18 @@ class Run:
     start: float = field(default_factory=time.time)
 
 
+def idle_cores():
+    """The cores not busy with other processes (the 1-minute load average), at least one: an
+    OpenMP thread that shares its core with a busy process stalls the other threads at every
+    operation."""
+    return max(1, len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]))
+
+
 def setup(cfg, ckpt, ckpt_path):
     """Device, data, model, optimizer and what a checkpoint restores; rank 0 opens the folder."""
     device = distributed.init()
     if cfg.threads or (device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(cfg.threads or idle_cores())
     if device.type == "cuda":  # TF32 matmuls for the fp32 parts, as DiT
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     auto = "bf16" if device.type == "cuda" else "fp32"

@@ -454,7 +454,7 @@ def test_short_demo_lowers_the_loss(tmp_path, capsys):
     run_dir = run(tmp_path, "--steps", "60", "--warmup", "10", "--log-every", "10", "--sample-every", "30",
                   "--eval-per-class", "1")
     out = capsys.readouterr().out
-    assert re.search(r"class accuracy of 10 EMA samples \(1 per class, 25 sampler steps, guidance scale 2, "
+    assert re.search(r"class accuracy of 10 EMA samples \(1 per class, 10 sampler steps, guidance scale 2, "
                      r"i\.e\. cfg-scale s = 1\) by an SVM of the real digits: \d+\.\d%", out)
     assert {p.name for p in (run_dir / "samples").iterdir()} == {"step_0000030.png", "step_0000060.png",
                                                                   "final_0000060.png"}

@@ -1,0 +1,250 @@
+"""Speed and memory of DiMR, measured: training and sampling throughput, TFLOP/s, MFU, peak memory.
+
+    python bench.py --variant s                                  # the demo variant, CPU: seconds
+    python bench.py --variant xl --batch 32 64 --precision bf16  # a GPU
+    python bench.py --variant xl --arch depths=5,5 widths=256,128 num_heads=4   # a smaller model
+
+Training: train.train_step, the step train.py runs (forward, multi-scale loss, backward, AdamW,
+EMA), on a synthetic micro-batch of the model's input shape; --warmup steps are excluded and
+--steps are timed. Sampling: sample.generate with its default sampler at --sample-steps model
+evaluations, with guidance (the conditional and null-class halves in one batch of 2x the images).
+
+FLOPs are counted as in the README's cost table: 2 FLOPs per multiply-accumulate, the MACs of one
+forward pass from `dimr.count` (batch 1, the figure `python dimr.py` prints), and a training
+image costs 3 forward passes (forward, backward = 2 forwards), 4 with gradient checkpointing (the
+forward is recomputed). MFU is the achieved training TFLOP/s over --peak-tflops, by default the
+card's bf16 dense peak when its name is in PEAK_TFLOPS. Peak memory: on CUDA the most the
+allocator held during a configuration (torch.cuda.max_memory_allocated); on the CPU the process's
+maximum resident set so far (it never goes down, so later rows include earlier ones).
+
+One markdown table row per configuration: every combination of --batch and --precision.
+"""
+import argparse
+import copy
+import dataclasses
+import os
+import resource
+import time
+import types
+
+import torch
+
+import diffusion
+import dimr
+import distributed
+import sample
+import train
+
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense, per the data sheets
+FORWARDS_PER_TRAINING_IMAGE = 3       # forward + backward (= 2 forward passes)
+FORWARDS_RECOMPUTED = 1               # gradient checkpointing runs each block's forward again
+COLUMNS = ("variant", "device", "precision", "micro-batch", "grad. ckpt", "compile",
+           "train img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak memory", "sample img/s")
+
+
+def forward_passes_per_training_image(grad_checkpointing):
+    return FORWARDS_PER_TRAINING_IMAGE + FORWARDS_RECOMPUTED * grad_checkpointing
+
+
+def training_flops_per_image(macs, grad_checkpointing):
+    """FLOPs of one training image from the forward MACs at batch 1 (README, cost estimate)."""
+    return 2 * macs * forward_passes_per_training_image(grad_checkpointing)
+
+
+def peak_tflops(device, given):
+    if given is not None:
+        return given
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def synthetic_batch(cfg, batch, device, generator):
+    """One micro-batch of the model's input shape, drawn as GlobalBatches draws its noise."""
+    shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+    return train.Batch(
+        x0=torch.randn(shape, generator=generator, device=device),
+        y=torch.randint(0, cfg.num_classes, (batch,), generator=generator, device=device),
+        n=torch.randint(1, diffusion.NUM_TIMESTEPS + 1, (batch,), generator=generator,
+                        device=device),
+        eps=torch.randn(shape, generator=generator, device=device),
+        drop=torch.rand(batch, generator=generator, device=device) < 0.1)
+
+
+def build_state(model_cfg, recipe, device, precision, seed):
+    """Model, EMA, AdamW (fused on CUDA) and scaler as train.setup builds them."""
+    torch.manual_seed(seed)
+    model = dimr.DiMR(model_cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(train.param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                                  betas=recipe.betas, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return train.TrainState(model, ema, optimizer, scaler,
+                            torch.Generator(device).manual_seed(seed))
+
+
+def time_training(net, state, batch, recipe, amp_dtype, warmup, steps, device):
+    """Seconds per optimizer step over `steps` steps after `warmup` untimed ones."""
+    schedule = diffusion.DiscreteSchedule()
+    for _ in range(warmup):
+        train.train_step(net, state, [batch], schedule, recipe, amp_dtype)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train.train_step(net, state, [batch], schedule, recipe, amp_dtype)
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def time_sampling(net, cfg, batch, sample_steps, amp_dtype, device, warmup):
+    """Seconds to sample `batch` images with guidance, after one untimed guided evaluation (a
+    batch of 2 x `batch`) if warmup."""
+    labels = torch.arange(batch) % cfg.num_classes
+    if warmup:
+        x = torch.zeros(2 * batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+            net(x, torch.full((2 * batch,), 500.0, device=device), labels.repeat(2).to(device))
+    synchronize(device)
+    start = time.perf_counter()
+    sample.generate(net, labels, range(batch), steps=sample_steps,
+                    cfg_scale=sample.RELEASE_CFG_SCALE, batch_size=batch, device=device,
+                    amp_dtype=amp_dtype)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(args, model_cfg, recipe, macs, device, batch, precision):
+    """One configuration -> the values of COLUMNS (sampling uses the trained weights)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    state = build_state(model_cfg, recipe, device, precision, args.seed)
+    state.model.set_grad_checkpointing(args.grad_checkpointing)
+    net = torch.compile(state.model) if args.compile else state.model
+    amp_dtype = sample.PRECISIONS[precision]
+    g = torch.Generator(device).manual_seed(args.seed)
+    step_s = time_training(net, state, synthetic_batch(model_cfg, batch, device, g), recipe,
+                           amp_dtype, args.warmup, args.steps, device)
+    train_ips = batch / step_s
+    flops = training_flops_per_image(macs, args.grad_checkpointing)
+    tflops = flops * train_ips / 1e12
+    peak = peak_tflops(device, args.peak_tflops)
+    sample_ips = "-"
+    if args.sample_steps:
+        seconds = time_sampling(net, model_cfg, batch, args.sample_steps, amp_dtype, device,
+                                args.warmup > 0)
+        sample_ips = f"{batch / seconds:.4g} ({args.sample_steps} evals)"
+    return (label(args), device_name(device), precision, batch,
+            "on" if args.grad_checkpointing else "off", "on" if args.compile else "off",
+            f"{train_ips:.4g}", f"{flops / 1e9:.6g}", f"{tflops:.4g}",
+            "-" if peak is None else f"{100 * tflops / peak:.1f}%",
+            f"{peak_memory_bytes(device) / 2 ** 30:.2f} GiB", sample_ips)
+
+
+def label(args):
+    return " ".join([dimr.ALIASES.get(args.variant, args.variant), *args.arch])
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread" + "s" * (threads > 1)
+
+
+def model_config(variant, arch):
+    """The variant with --arch overrides, parsed as train.py parses them."""
+    base = dimr.get_config(variant)
+    data = types.SimpleNamespace(image_size=base.input_size, channels=base.in_channels,
+                                 num_classes=base.num_classes)
+    return train.model_config(dataclasses.replace(train.PAPER, variant=variant, arch=arch), data)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Measure DiMR's training and sampling speed and memory; one markdown table "
+                    "row per combination of --batch and --precision.")
+    p.add_argument("--variant", choices=dimr.VARIANT_CHOICES, default="s", metavar="NAME",
+                   help=f"{', '.join(dimr.ALIASES)} or the full name (default s)")
+    p.add_argument("--arch", nargs="+", default=(), metavar="KEY=VALUE",
+                   help="overrides of the variant, as train.py --arch: e.g. widths=256,128")
+    p.add_argument("--batch", type=int, nargs="+", default=[32],
+                   help="micro-batches (images per forward pass) to measure (default 32)")
+    p.add_argument("--precision", nargs="+", default=["auto"],
+                   choices=("auto", *sample.PRECISIONS),
+                   help="autocast precisions to measure; auto: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block in the backward pass (default off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (default off)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
+    p.add_argument("--sample-steps", type=int, default=sample.DEFAULT_STEPS,
+                   help=f"sampler evaluations, 0: no sampling (default {sample.DEFAULT_STEPS})")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak for MFU (default: bf16 dense of a known card: "
+                        + ", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS.items()) + ")")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default OMP_NUM_THREADS if set, else all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def check_args(args):
+    problems = [f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(args, k)}"
+                for k, lo in (("warmup", 0), ("steps", 1), ("sample_steps", 0), ("threads", 1))
+                if getattr(args, k) is not None and getattr(args, k) < lo]
+    problems += [f"--batch must be >= 1, got {b}" for b in args.batch if b < 1]
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        problems.append(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def run(args):
+    check_args(args)
+    device = distributed.init()
+    if args.threads or (device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if device.type == "cuda":  # as train.py: TF32 matmuls for the fp32 parts
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    name = dimr.ALIASES.get(args.variant, args.variant)
+    model_cfg = model_config(name, tuple(args.arch))
+    recipe = train.RECIPES[name]
+    macs = sum(row[2] for row in dimr.count(model_cfg))
+    forwards = forward_passes_per_training_image(args.grad_checkpointing)
+    print(f"{name} {model_cfg}: {macs / 1e9:.6g} GMACs per forward pass (dimr.count, batch 1); "
+          f"a training image = 2 FLOPs/MAC x {forwards} forward passes (README, cost estimate)",
+          flush=True)
+    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
+    auto = "bf16" if device.type == "cuda" else "fp32"
+    for precision in args.precision:
+        for batch in args.batch:
+            try:
+                row = measure(args, model_cfg, recipe, macs, device, batch,
+                              auto if precision == "auto" else precision)
+            except torch.OutOfMemoryError:
+                row = (label(args), device_name(device), precision, batch, "", "",
+                       "out of memory", *[""] * 5)
+            print("| " + " | ".join(map(str, row)) + " |", flush=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    distributed.run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
