@@ -119,7 +119,7 @@ class TrainConfig:
 PAPER = TrainConfig()
 # The digits demo: DiMR-S/2R on the CPU (README, "The digits demo", says why it departs from PAPER).
 DEMO = replace(PAPER, variant="DiMR-S/2R", data="digits", batch_size=64, lr=3e-3, betas=(0.9, 0.99),
-               warmup=100, ema=0.99, steps=1200, minutes=4.0, grad_checkpointing=False,
+               warmup=100, ema=0.99, steps=1200, minutes=4.5, grad_checkpointing=False,
                ckpt_every=400, sample_every=400, cfg_scale=1.0)
 RECIPES = {
     "DiMR-XL/2R": PAPER,
@@ -586,11 +586,21 @@ class Run:
     start: float = field(default_factory=time.time)
 
 
-def idle_cores():
-    """The cores not busy with other processes (the 1-minute load average), at least one: an
-    OpenMP thread that shares its core with a busy process stalls the other threads at every
-    operation."""
-    return max(1, len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]))
+def idle_cores(seconds=0.5):
+    """The cores that other processes leave idle, measured over `seconds` (/proc/stat), at least
+    one: an OpenMP thread that shares its core with a busy process stalls the other threads at
+    every operation. Without /proc/stat: every core."""
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+    cores = len(os.sched_getaffinity(0))
+    try:
+        (idle0, total0), _, (idle1, total1) = idle_and_total(), time.sleep(seconds), idle_and_total()
+    except OSError:
+        return cores
+    idle = (idle1 - idle0) / max(total1 - total0, 1) * os.cpu_count()
+    return max(1, min(cores, round(idle)))
 
 
 def setup(cfg, ckpt, ckpt_path):

@@ -2,6 +2,7 @@
 accumulation), resuming equals not stopping (after SIGTERM or a finished run), the weight-decay
 groups, NaN handling, clear errors, and a short demo run that lowers the loss."""
 import copy
+import io
 import json
 import math
 import os
@@ -389,6 +390,19 @@ def test_clear_errors(tmp_path):
         "error: --batch-size 10 over 1 processes is 10 per process, not a multiple of --micro-batch 4"
     assert error_of(["--arch", "widths=a,b"]) == "error: --arch widths=a,b: widths must be integers a,b,..."
     assert error_of(["--ema", "1.5"]) == "error: --ema must be below 1, got 1.5"
+
+
+def test_threads_default_to_the_idle_cores(monkeypatch):
+    """Of 4 cores, 50 of 100 ticks idle (idle + iowait) between two reads of /proc/stat: 2 threads;
+    a fully busy machine still gets 1."""
+    snapshots = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  120 0 130 740 110 0 0 0 0 0\n",
+                      "cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  150 0 150 700 100 0 0 0 0 0\n"])
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(train.time, "sleep", lambda s: None)
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: io.StringIO(next(snapshots)))
+    assert train.idle_cores() == 2
+    assert train.idle_cores() == 1
 
 
 # ----------------------------------------------------------------------------------------------
