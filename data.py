@@ -1,4 +1,5 @@
-"""Training data in the model's space: the digits demo, ImageNet 64, class-per-folder images, VAE latents.
+"""Training data in the model's space: the digits demo, ImageNet 64, class-per-folder images,
+VAE latents.
 
 The paper trains on ImageNet: in pixel space at 64x64 (DiMR-M/3R, L/3R; Table 2), and on the
 Stable Diffusion VAE's latents at 256 and 512 px (XL/2R, G/2R, XL/3R; Tables 3, 4). Each source
@@ -39,10 +40,12 @@ import distributed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIGITS_SIZE = 8  # load_digits images are 8x8
-DIGITS_SIZES = (DIGITS_SIZE, 2 * DIGITS_SIZE, 4 * DIGITS_SIZE)  # native, and upsampled (each doubling ~4x the cost)
+# native, and upsampled (each doubling ~4x the cost)
+DIGITS_SIZES = (DIGITS_SIZE, 2 * DIGITS_SIZE, 4 * DIGITS_SIZE)
 DIGITS_LEVELS = 16  # load_digits pixels take the values 0..16
 DIGITS_CLASSES = 10
-DOWNSAMPLED_GLOB = "*train*.npz"  # the training files of a downsampled ImageNet directory (not val_data.npz)
+# the training files of a downsampled ImageNet directory (not val_data.npz)
+DOWNSAMPLED_GLOB = "*train*.npz"
 DOWNSAMPLED_KEYS = ("data", "labels")
 IMAGENET_CLASSES = 1000
 LATENTS_KEY = "latents"
@@ -81,25 +84,30 @@ def open_data(spec, image_size=None, num_classes=None, variant_size=None, varian
     elif path.is_dir():
         kind = "folder"
     else:
-        raise ValueError(f"--data {spec}: expected 'digits', downsampled ImageNet .npz files, an image folder, "
-                         f"a latent .npz/.npy or a directory of {SHARD_NAME.format(0)}, ...")
+        raise ValueError(f"--data {spec}: expected 'digits', downsampled ImageNet .npz files, "
+                         f"an image folder, a latent .npz/.npy or a directory of "
+                         f"{SHARD_NAME.format(0)}, ...")
     if kind == "latents":
         if image_size is not None:
-            raise ValueError(f"--image-size does not apply to latents ({path}): their size is stored")
+            raise ValueError(f"--image-size does not apply to latents ({path}): "
+                             "their size is stored")
         return latents(path, num_classes or variant_classes)
     if num_classes is not None:
-        raise ValueError(f"--num-classes applies to latents only; the {kind} data know their classes")
+        raise ValueError(f"--num-classes applies to latents only; the {kind} data know "
+                         "their classes")
     if kind == "downsampled ImageNet":
         return downsampled_imagenet(path, image_size)
-    return digits(image_size or DIGITS_SIZE) if kind == "digits" else image_folder(path, image_size or variant_size)
+    return (digits(image_size or DIGITS_SIZE) if kind == "digits"
+            else image_folder(path, image_size or variant_size))
 
 
 # ----------------------------------------------------------------------------------------------
 # Arrays -> model space, shared by the sources below
 
 def pixels_to_model(pixels):
-    """uint8 pixels (C, H, W) -> float32 in [-1, 1], p / 127.5 - 1. A copy: a read-only (memory-mapped
-    or pillow) array would make torch.from_numpy warn, and the batch must not alias the source."""
+    """uint8 pixels (C, H, W) -> float32 in [-1, 1], p / 127.5 - 1. A copy: a read-only
+    (memory-mapped or pillow) array would make torch.from_numpy warn, and the batch must not
+    alias the source."""
     return torch.from_numpy(np.array(pixels, dtype=np.float32)) / 127.5 - 1
 
 
@@ -124,8 +132,9 @@ class ArrayDataset(Dataset):
 def _warn_held_by_every_process(what, nbytes, hint=""):
     """Under torchrun, say once that each process keeps its own copy of an in-memory array."""
     if distributed.world_size() > 1 and distributed.is_main():
-        print(f"warning: every one of the {distributed.world_size()} processes holds all of {what} in RAM "
-              f"({nbytes / 2 ** 30:.1f} GiB each){hint}", file=sys.stderr, flush=True)
+        print(f"warning: every one of the {distributed.world_size()} processes holds all of "
+              f"{what} in RAM ({nbytes / 2 ** 30:.1f} GiB each){hint}",
+              file=sys.stderr, flush=True)
 
 
 def _npz_arrays(path, keys, layout):
@@ -133,10 +142,12 @@ def _npz_arrays(path, keys, layout):
     try:
         with np.load(path) as f:
             found, names = {k: f[k] for k in keys if k in f.files}, f.files
-    except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as e:  # np.load refuses pickles
+    except (OSError, EOFError, ValueError, TypeError,
+            zipfile.BadZipFile) as e:  # np.load refuses pickles
         raise ValueError(f"cannot read {path} as an .npz: {e}") from None
     if len(found) < len(keys):
-        raise ValueError(f"{path}: no {sorted(set(keys) - set(found))} (keys: {names}); expected {layout}")
+        raise ValueError(f"{path}: no {sorted(set(keys) - set(found))} (keys: {names}); "
+                         f"expected {layout}")
     return [found[k] for k in keys]
 
 
@@ -169,7 +180,8 @@ def digits(image_size=DIGITS_SIZE):
 
 def downsampled_files(path):
     """The downsampled ImageNet training files at `path` (one .npz, or a directory's *train*.npz
-    files), or [] when `path` holds none: they are recognised by the key `data` of the first file."""
+    files), or [] when `path` holds none: they are recognised by the key `data` of the first
+    file."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob(DOWNSAMPLED_GLOB))
@@ -185,16 +197,20 @@ def downsampled_files(path):
 
 
 def read_downsampled(path):
-    """One downsampled ImageNet .npz -> uint8 images [N, 3, S, S] (a view of `data`), labels 0..999."""
+    """One downsampled ImageNet .npz -> uint8 images [N, 3, S, S] (a view of `data`), labels
+    0..999."""
     flat, labels = _npz_arrays(path, DOWNSAMPLED_KEYS, "data uint8 [N, 3*S*S] and labels 1..1000")
     side = int(round((flat.shape[-1] / 3) ** 0.5)) if flat.ndim == 2 else 0
     if flat.dtype != np.uint8 or side < 1 or 3 * side * side != flat.shape[1]:
-        raise ValueError(f"{path}: data must be uint8 [N, 3*S*S] (R, G, B planes), got {flat.dtype} {list(flat.shape)}")
+        raise ValueError(f"{path}: data must be uint8 [N, 3*S*S] (R, G, B planes), "
+                         f"got {flat.dtype} {list(flat.shape)}")
     labels = np.asarray(labels)
-    if labels.shape != flat.shape[:1] or not np.issubdtype(labels.dtype, np.integer) or len(labels) == 0 \
-            or labels.min() < 1 or labels.max() > IMAGENET_CLASSES:
-        raise ValueError(f"{path}: labels must be {len(flat)} class ids in 1..{IMAGENET_CLASSES} (1-based)")
-    return flat.reshape(len(flat), 3, side, side), labels.astype(np.int64) - 1       # (N, 3, S, S), 0-based
+    if labels.shape != flat.shape[:1] or not np.issubdtype(labels.dtype, np.integer) \
+            or len(labels) == 0 or labels.min() < 1 or labels.max() > IMAGENET_CLASSES:
+        raise ValueError(f"{path}: labels must be {len(flat)} class ids in "
+                         f"1..{IMAGENET_CLASSES} (1-based)")
+    # images (N, 3, S, S), labels 0-based
+    return flat.reshape(len(flat), 3, side, side), labels.astype(np.int64) - 1
 
 
 def downsampled_imagenet(path, image_size=None):
@@ -207,10 +223,12 @@ def downsampled_imagenet(path, image_size=None):
         raise ValueError(f"--image-size {image_size}: {path} holds {sides[0]}x{sides[0]} images")
     side, n = sides[0], sum(len(labels) for _, labels in parts)
     _warn_held_by_every_process(path, n * 3 * side * side)
-    return TrainingData(ConcatDataset([ArrayDataset(images, labels, pixels_to_model) for images, labels in parts]),
+    return TrainingData(ConcatDataset([ArrayDataset(images, labels, pixels_to_model)
+                                       for images, labels in parts]),
                         IMAGENET_CLASSES, side, 3, flip=True,
-                        description=f"downsampled ImageNet {path}: {n} images in {len(files)} file(s), "
-                                    f"{IMAGENET_CLASSES} classes, {side}x{side}x3")
+                        description=f"downsampled ImageNet {path}: {n} images in "
+                                    f"{len(files)} file(s), {IMAGENET_CLASSES} classes, "
+                                    f"{side}x{side}x3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,11 +273,13 @@ def image_folder(root, image_size):
             samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
                         if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not samples:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}: expected one sub-folder "
-                         f"per class holding its images (found {len(classes)} sub-folders)")
-    return TrainingData(ImageFolderDataset(samples, image_size), len(classes), image_size, 3, flip=True,
-                        description=f"image folder {root}: {len(samples)} images, {len(classes)} classes, "
-                        f"center-cropped to {image_size}x{image_size}x3", class_names=classes)
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}: expected one "
+                         f"sub-folder per class holding its images (found {len(classes)} "
+                         "sub-folders)")
+    return TrainingData(ImageFolderDataset(samples, image_size), len(classes), image_size, 3,
+                        flip=True, description=f"image folder {root}: {len(samples)} images, "
+                        f"{len(classes)} classes, center-cropped to {image_size}x{image_size}x3",
+                        class_names=classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,21 +292,25 @@ def labels_npy_path(latents_npy):
 
 
 def _latent_npz(path):
-    return _npz_arrays(path, (LATENTS_KEY, LABELS_KEY), f"{LATENTS_KEY} [N, C, h, w] and {LABELS_KEY} [N]")
+    return _npz_arrays(path, (LATENTS_KEY, LABELS_KEY),
+                       f"{LATENTS_KEY} [N, C, h, w] and {LABELS_KEY} [N]")
 
 
 def load_latents(path):
-    """(latents [N, C, h, w] as stored, labels int64 [N]) as numpy arrays; an .npy is memory-mapped."""
+    """(latents [N, C, h, w] as stored, labels int64 [N]) as numpy arrays; an .npy is
+    memory-mapped."""
     path = Path(path)
     if path.is_dir():
         shards = sorted(path.glob(SHARD_NAME.replace("{:05d}", "*")))
         expected = [path / SHARD_NAME.format(i) for i in range(len(shards))]
         if shards != expected:
             missing = sorted(set(expected) - set(shards))
-            raise ValueError(f"{path}: shards must be numbered {SHARD_NAME.format(0)}, {SHARD_NAME.format(1)}, "
-                             f"... without gaps; {missing[0].name if missing else 'the first'} is missing")
+            raise ValueError(f"{path}: shards must be numbered {SHARD_NAME.format(0)}, "
+                             f"{SHARD_NAME.format(1)}, ... without gaps; "
+                             f"{missing[0].name if missing else 'the first'} is missing")
         parts = [_latent_npz(p) for p in shards]
-        latents, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        latents, labels = (np.concatenate([p[0] for p in parts]),
+                           np.concatenate([p[1] for p in parts]))
     elif path.suffix == ".npz":
         latents, labels = _latent_npz(path)
     else:
@@ -297,10 +321,13 @@ def load_latents(path):
             latents, labels = np.load(path, mmap_mode="r"), np.load(labels_path)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {path} / {labels_path.name}: {e}") from None
-    if latents.ndim != 4 or latents.shape[2] != latents.shape[3] or not np.issubdtype(latents.dtype, np.floating):
-        raise ValueError(f"{path}: latents must be float [N, C, h, h], got {latents.dtype} {list(latents.shape)}")
+    if latents.ndim != 4 or latents.shape[2] != latents.shape[3] \
+            or not np.issubdtype(latents.dtype, np.floating):
+        raise ValueError(f"{path}: latents must be float [N, C, h, h], "
+                         f"got {latents.dtype} {list(latents.shape)}")
     if labels.shape != latents.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: labels must be integers [{len(latents)}], got {labels.dtype} {list(labels.shape)}")
+        raise ValueError(f"{path}: labels must be integers [{len(latents)}], "
+                         f"got {labels.dtype} {list(labels.shape)}")
     if len(labels) == 0 or labels.min() < 0:
         raise ValueError(f"{path}: " + ("no latents" if len(labels) == 0 else "negative class ids"))
     return latents, labels.astype(np.int64)
@@ -309,10 +336,13 @@ def load_latents(path):
 def latents(path, num_classes):
     lat, labels = load_latents(path)
     if labels.max() >= num_classes:
-        raise ValueError(f"{path}: class ids up to {labels.max()}, but {num_classes} classes (--num-classes)")
+        raise ValueError(f"{path}: class ids up to {labels.max()}, but {num_classes} classes "
+                         "(--num-classes)")
     if not isinstance(lat, np.memmap):
-        _warn_held_by_every_process(path, lat.nbytes, "; `extract_latents.py --npy OUT.npy` writes one "
-                                    "memory-mapped .npy that the processes of a node share")
+        _warn_held_by_every_process(path, lat.nbytes, "; `extract_latents.py --npy OUT.npy` "
+                                    "writes one memory-mapped .npy that the processes of a node "
+                                    "share")
     N, C, h, _ = lat.shape
     return TrainingData(ArrayDataset(lat, labels, latents_to_model), num_classes, h, C, flip=False,
-                        description=f"latents {path}: {N} of {C}x{h}x{h} ({lat.dtype}), {num_classes} classes")
+                        description=f"latents {path}: {N} of {C}x{h}x{h} ({lat.dtype}), "
+                                    f"{num_classes} classes")

@@ -43,7 +43,8 @@ class DiscreteSchedule:
     """The release's discrete DDPM schedule and its continuous-time view (DPM-Solver's "discrete").
 
     Discrete: betas = linspace(sqrt(BETA_START), sqrt(BETA_END), 1000)^2 and
-    alpha_bar_n = prod_{i<=n} (1 - beta_i), so x_n = sqrt(alpha_bar_n) x_0 + sqrt(1 - alpha_bar_n) eps.
+    alpha_bar_n = prod_{i<=n} (1 - beta_i), so
+    x_n = sqrt(alpha_bar_n) x_0 + sqrt(1 - alpha_bar_n) eps.
     Continuous: t in [1/1000, 1] with n = 1000 t; log alpha_t is piecewise linear in t between
     the points t_n = n / 1000, where alpha_{t_n} = sqrt(alpha_bar_n); sigma_t = sqrt(1 - alpha_t^2)
     and lambda_t = log alpha_t - log sigma_t (half the log-SNR), strictly decreasing in t.
@@ -58,11 +59,13 @@ class DiscreteSchedule:
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # index n-1 holds alpha_bar_n
         self.t_array = torch.arange(1, n + 1, dtype=torch.float64) / n  # t_n = n / 1000
         self.log_alpha_array = 0.5 * torch.log(self.alphas_cumprod)
-        self._q_tables = {}  # (device, dtype) -> (2, 1000): sqrt(alpha_bar_n), sqrt(1 - alpha_bar_n)
+        # (device, dtype) -> (2, 1000): sqrt(alpha_bar_n), sqrt(1 - alpha_bar_n)
+        self._q_tables = {}
 
     # -- training: q(x_n | x_0) ------------------------------------------------------------------
     def q_sample(self, x0, n, eps):
-        """x_n = sqrt(alpha_bar_n) x0 + sqrt(1 - alpha_bar_n) eps for steps n, int64 [B] in 1..1000."""
+        """x_n = sqrt(alpha_bar_n) x0 + sqrt(1 - alpha_bar_n) eps for steps n, int64 [B] in
+        1..1000."""
         key = (x0.device, x0.dtype)
         if key not in self._q_tables:  # the roots in float64, then rounded once to the data's dtype
             table = torch.stack([self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt()])
@@ -86,7 +89,8 @@ class DiscreteSchedule:
 
     def inverse_lambda(self, lam):
         """t with lambda_t = lam: log alpha = -log(1 + e^{-2 lam}) / 2, then invert the table."""
-        log_alpha = -0.5 * torch.logaddexp(torch.zeros(()), -2.0 * torch.as_tensor(lam, dtype=torch.float64))
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros(()),
+                                           -2.0 * torch.as_tensor(lam, dtype=torch.float64))
         return _interp(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
 
 
@@ -112,7 +116,8 @@ def multiscale_targets(eps, sizes):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         k = H // h
         if h * k != H or w * k != W:
-            raise ValueError(f"branch size {h}x{w} does not divide the noise size {H}x{W} by one integer factor")
+            raise ValueError(f"branch size {h}x{w} does not divide the noise size {H}x{W} "
+                             "by one integer factor")
         targets.append(F.avg_pool2d(eps, k) * k if k > 1 else eps)  # avg * k^2 / k = sum / k
     return targets
 
@@ -177,7 +182,8 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
 # ----------------------------------------------------------------------------------------------
 # With the data prediction x0(x_t, t) = (x_t - sigma_t eps(x_t, t)) / alpha_t, the probability-flow
 # ODE from s to t has the exact solution (DPM-Solver++)
-#     x_t = (sigma_t / sigma_s) x_s + sigma_t * int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda.
+#     x_t = (sigma_t / sigma_s) x_s
+#           + sigma_t * int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda.
 # Expanding x0 around lambda_s as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_s) / h, so that
 # D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
 # A solver of order k estimates D0..D_{k-1}: singlestep from extra evaluations inside [s, t],
@@ -432,7 +438,8 @@ def dpm_solver_sample(eps_fn, x_T, steps, order=None, method=None, skip=None, va
                                  ("step spacing", skip, SPACINGS),
                                  ("UniPC variant", settings["variant"], VARIANTS)):
         if value not in choices:
-            raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(map(str, choices))}")
+            raise ValueError(f"unknown {name} {value!r}; choose from "
+                             f"{', '.join(map(str, choices))}")
     if steps < order:
         raise ValueError(f"steps ({steps}) must be at least the order ({order})")
     ns = DiscreteSchedule() if schedule is None else schedule
@@ -446,7 +453,8 @@ def dpm_solver_sample(eps_fn, x_T, steps, order=None, method=None, skip=None, va
 
 
 def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), n = 1000 .. 1: 1000 evaluations, returns x_0.
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), n = 1000 .. 1: 1000 evaluations,
+    returns x_0.
 
     x_{n-1} = (x_n - beta_n / sqrt(1 - alpha_bar_n) eps) / sqrt(1 - beta_n) + sqrt(beta~_n) z, with
     the posterior variance beta~_n = beta_n (1 - alpha_bar_{n-1}) / (1 - alpha_bar_n) and no
@@ -459,7 +467,8 @@ def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
 
     def noise():  # z ~ N(0, I) like x
         if isinstance(generator, (list, tuple)):
-            return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]).to(x.device)
+            return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype)
+                                for g in generator]).to(x.device)
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
     for n in range(NUM_TIMESTEPS, 0, -1):

@@ -33,7 +33,8 @@ import checkpoints
 from diffusion import NUM_TIMESTEPS
 from td_ln import TDLayerNorm, TDRMSNorm, per_sample, time_input
 
-NORMS = ("td", "adaln_zero", "ln")  # Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
+# Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
+NORMS = ("td", "adaln_zero", "ln")
 MLPS = ("glu", "gelu")              # Table 5: GLU with hidden 2D, or the usual 4D GELU MLP
 TIME_EMBED_DIM = 256                # DiT's sinusoidal time embedding (adaLN-Zero ablation only)
 
@@ -59,11 +60,14 @@ class DiMRConfig:
         R = len(self.depths)
         problems = []
         if R < 1 or len(self.widths) != R:
-            problems.append(f"depths {self.depths} and widths {self.widths} must have one entry per branch")
-        sizes = dict(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                     patch_size=self.patch_size, num_heads=self.num_heads)
+            problems.append(f"depths {self.depths} and widths {self.widths} must have one entry "
+                            "per branch")
+        sizes = dict(input_size=self.input_size, in_channels=self.in_channels,
+                     num_classes=self.num_classes, patch_size=self.patch_size,
+                     num_heads=self.num_heads)
         problems += [f"{k} must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
-        problems += [f"{k} must all be >= 1, got {v}" for k, v in (("depths", self.depths), ("widths", self.widths))
+        problems += [f"{k} must all be >= 1, got {v}"
+                     for k, v in (("depths", self.depths), ("widths", self.widths))
                      if min(v, default=1) < 1]
         if problems:  # the structural checks below divide by these sizes
             raise ValueError("bad DiMR config: " + "; ".join(problems))
@@ -72,11 +76,14 @@ class DiMRConfig:
         if self.mlp not in MLPS:
             problems.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
         if R > 1 and self.patch_size != 2 ** (R - 1):
-            problems.append(f"patch_size must be 2^(R-1) = {2 ** (R - 1)} for {R} branches, got {self.patch_size}")
+            problems.append(f"patch_size must be 2^(R-1) = {2 ** (R - 1)} for {R} branches, "
+                            f"got {self.patch_size}")
         if self.input_size % self.patch_size:
-            problems.append(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+            problems.append(f"input_size {self.input_size} is not a multiple of "
+                            f"patch_size {self.patch_size}")
         if self.widths and self.widths[0] % self.num_heads:
-            problems.append(f"width {self.widths[0]} is not divisible by num_heads {self.num_heads}")
+            problems.append(f"width {self.widths[0]} is not divisible by "
+                            f"num_heads {self.num_heads}")
         if problems:
             raise ValueError("bad DiMR config: " + "; ".join(problems))
 
@@ -93,7 +100,8 @@ VARIANTS = {
     # ImageNet 64x64 in pixel space (Table 2); L/3R's depths are inferred from its 284M count.
     "DiMR-M/3R": DiMRConfig(64, 3, 1000, 4, (15, 8, 8), (768, 384, 192), 12),
     "DiMR-L/3R": DiMRConfig(64, 3, 1000, 4, (19, 7, 7), (1024, 512, 256), 16),
-    # ImageNet 256x256 / 512x512 on Stable Diffusion latents (Tables 3, 4); the 2R ones are released.
+    # ImageNet 256x256 / 512x512 on Stable Diffusion latents (Tables 3, 4);
+    # the 2R ones are released.
     "DiMR-XL/2R": DiMRConfig(32, 4, 1000, 2, (39, 20), (960, 480), 16),
     "DiMR-G/2R": DiMRConfig(32, 4, 1000, 2, (57, 29), (1152, 576), 16),
     "DiMR-XL/3R": DiMRConfig(64, 4, 1000, 4, (39, 20, 20), (960, 480, 240), 16),
@@ -116,7 +124,8 @@ def config_from_dict(d):
     """Rebuild a config stored in a checkpoint (a plain dict, as nanoGPT stores it)."""
     fields = {f.name for f in dataclasses.fields(DiMRConfig)}
     if not isinstance(d, dict) or set(d) - fields:
-        raise ValueError(f"checkpoint config has unknown fields: {sorted(set(d) - fields) if isinstance(d, dict) else d}")
+        raise ValueError(f"checkpoint config has unknown fields: "
+                         f"{sorted(set(d) - fields) if isinstance(d, dict) else d}")
     return DiMRConfig(**d)
 
 
@@ -146,7 +155,8 @@ class AdaLN(nn.Module):
 
 
 def make_norm(kind, dim, cond_dim, pre_norm):
-    """Block pre-norms are TD-RMSNorm, heads and cascade use TD-LayerNorm (the release's "TDRMSN")."""
+    """Block pre-norms are TD-RMSNorm, heads and cascade use TD-LayerNorm (the release's
+    "TDRMSN")."""
     if kind == "td":
         return TDRMSNorm(dim) if pre_norm else TDLayerNorm(dim)
     if kind == "ln":
@@ -214,7 +224,7 @@ class Attention(nn.Module):
     def forward(self, x):                                                  # (B, L, D)
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                               # 3 x (B, heads, L, D/heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3 x (B, heads, L, D/heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -288,7 +298,8 @@ class ConvNeXtBlock(nn.Module):
 # Feature cascade, output head, branch
 
 def pixel_shuffle(x, k):
-    """(B, h, w, k*k*D) -> (B, h*k, w*k, D): channel (i*k + j)*D + c goes to pixel (h*k + i, w*k + j)."""
+    """(B, h, w, k*k*D) -> (B, h*k, w*k, D): channel (i*k + j)*D + c goes to pixel
+    (h*k + i, w*k + j)."""
     B, h, w, C = x.shape
     x = x.view(B, h, w, k, k, C // (k * k)).permute(0, 1, 3, 2, 4, 5)      # (B, h, i, w, j, D)
     return x.reshape(B, h * k, w * k, C // (k * k))
@@ -305,7 +316,7 @@ class Cascade(nn.Module):
         self.proj = nn.Linear(in_dim, out_dim * ratio ** 2)
         self.norm_out = make_norm(cfg.norm, out_dim, cond_dim, pre_norm=False)
 
-    def forward(self, features, cond):             # list of (B, h, w, D_prev), one per block + input
+    def forward(self, features, cond):  # list of (B, h, w, D_prev), one per block + input
         x = self.norm_in(torch.cat(features, dim=-1), cond)                 # (B, h, w, M*D_prev)
         x = pixel_shuffle(self.proj(x), self.ratio)                         # (B, h*k, w*k, D)
         return self.norm_out(x, cond)
@@ -413,7 +424,8 @@ class DiMR(nn.Module):
         D1 = cfg.widths[0]
         self.class_embed = nn.Embedding(cfg.num_classes + 1, D1)            # last row: null class
         if cfg.norm == "adaln_zero":  # DiT: c = t_emb + y_emb conditions every norm
-            self.time_embed = nn.Sequential(nn.Linear(TIME_EMBED_DIM, D1), nn.SiLU(), nn.Linear(D1, D1))
+            self.time_embed = nn.Sequential(nn.Linear(TIME_EMBED_DIM, D1), nn.SiLU(),
+                                            nn.Linear(D1, D1))
         self.branches = nn.ModuleList(Branch(cfg, r, D1) for r in range(cfg.num_branches))
         self.reset_parameters()
 
@@ -447,9 +459,11 @@ class DiMR(nn.Module):
             raise ValueError(f"x is {H}x{W}; H and W must be multiples of {cfg.patch_size} "
                              f"and at most {cfg.input_size}")
         if t.shape != (B,) or not t.is_floating_point():
-            raise ValueError(f"t must be a float tensor [{B}] of DDPM steps, got {t.dtype} {list(t.shape)}")
+            raise ValueError(f"t must be a float tensor [{B}] of DDPM steps, "
+                             f"got {t.dtype} {list(t.shape)}")
         if y.shape != (B,) or y.dtype != torch.long:
-            raise ValueError(f"y must be an int64 tensor [{B}] of class ids, got {y.dtype} {list(y.shape)}")
+            raise ValueError(f"y must be an int64 tensor [{B}] of class ids, "
+                             f"got {y.dtype} {list(y.shape)}")
         t_ok = (t >= 0) & (t <= NUM_TIMESTEPS)                               # False for NaN too
         require(t_ok, lambda: f"t must be finite DDPM steps in [0, {NUM_TIMESTEPS}], "
                               f"got {t[~t_ok].tolist()[:5]}")
@@ -465,7 +479,8 @@ class DiMR(nn.Module):
         if self.config.norm == "ln":   # U-ViT: a sinusoidal time token and a class token
             t_emb = timestep_embedding(t, y_emb.shape[-1])
             return None, torch.stack([t_emb, y_emb], dim=1)                 # (B, 2, D1)
-        c = F.silu(self.time_embed(timestep_embedding(t, TIME_EMBED_DIM)) + y_emb)    # DiT: no extra tokens
+        # DiT: no extra tokens
+        c = F.silu(self.time_embed(timestep_embedding(t, TIME_EMBED_DIM)) + y_emb)
         return c, y_emb.new_empty(y_emb.shape[0], 0, y_emb.shape[1])    # (B, 0, D1)
 
     def forward(self, x, t, y):
@@ -475,7 +490,7 @@ class DiMR(nn.Module):
         for branch in self.branches:
             out, features = branch(x, cond, extra_tokens, features)
             outputs.append(out)
-        return outputs                                     # [(B, C, H_r, W_r)], lowest resolution first
+        return outputs                     # [(B, C, H_r, W_r)], lowest resolution first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +516,8 @@ def load_state_dict_strict(model, sd, source):
     unexpected = [k for k in sd if k not in ours]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(ours[k].shape)}"
               for k in ours if k in sd and sd[k].shape != ours[k].shape]
-    for what, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+    for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches", shapes)):
         if names:
             raise ValueError(f"{source}: {len(names)} {what}, e.g. {', '.join(names[:3])}")
     model.load_state_dict(sd)
@@ -550,15 +566,18 @@ def config_from_official(sd, num_heads):
         for r in range(R):
             D, C, p, _ = sd[f"stages.{r}.input_layer.1.weight"].shape
             widths.append(D)
-            depths.append(1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"stages.{r}.blocks.")))
+            depths.append(1 + max(int(k.split(".")[3]) for k in sd
+                                  if k.startswith(f"stages.{r}.blocks.")))
             if r == 0:
                 patch, in_channels = p, C
                 grid = math.isqrt(sd["stages.0.input_layer.3.position_embeddings.weight"].shape[0])
         num_classes = sd["stages.0.class_embeds.weight"].shape[0] - 1
     except (KeyError, ValueError, AttributeError) as e:
         raise ValueError(f"not a DiMR release state_dict (could not read {e})") from None
-    cfg = DiMRConfig(grid * patch, in_channels, num_classes, patch, tuple(depths), tuple(widths), num_heads)
-    for variant in VARIANTS.values():  # prefer the registry's config (same model, configured depths)
+    cfg = DiMRConfig(grid * patch, in_channels, num_classes, patch, tuple(depths), tuple(widths),
+                     num_heads)
+    # prefer the registry's config (same model, configured depths)
+    for variant in VARIANTS.values():
         built = tuple(2 * (n // 2) + 1 for n in variant.depths)
         if dataclasses.replace(variant, depths=built) == cfg:
             return variant
@@ -570,7 +589,8 @@ def from_official(state_dict, num_heads):
     sd = state_dict.get("state_dict", state_dict.get("model", state_dict))
     cfg = config_from_official(sd, num_heads)
     model = DiMR(cfg)
-    load_state_dict_strict(model, {official_key(k): v for k, v in sd.items()}, source="release checkpoint")
+    load_state_dict_strict(model, {official_key(k): v for k, v in sd.items()},
+                           source="release checkpoint")
     return model
 
 
@@ -600,10 +620,12 @@ def count(cfg):
 
 def print_summary(name, cfg):
     rows = count(cfg)
-    print(f"{name}: input {cfg.input_size}x{cfg.input_size}x{cfg.in_channels}, norm={cfg.norm}, mlp={cfg.mlp}")
+    print(f"{name}: input {cfg.input_size}x{cfg.input_size}x{cfg.in_channels}, "
+          f"norm={cfg.norm}, mlp={cfg.mlp}")
     for label, params, macs in rows:
         print(f"  {label:<58} {params:>15,} params {macs / 1e9:9.2f} GMACs")
-    print(f"  {'total':<58} {sum(r[1] for r in rows):>15,} params {sum(r[2] for r in rows) / 1e9:9.2f} GMACs")
+    print(f"  {'total':<58} {sum(r[1] for r in rows):>15,} params "
+          f"{sum(r[2] for r in rows) / 1e9:9.2f} GMACs")
 
 
 # Table 5 (ImageNet 64, 300K steps): U-ViT-M/4 -> DiMR-M/3R, with the paper's parameter counts.
@@ -620,7 +642,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Without a command: print "
                                 "parameters and GMACs (batch 1) per branch of a variant.")
     p.add_argument("--variant", choices=VARIANT_CHOICES, default="xl", help="variant to summarise")
-    p.add_argument("--table5", action="store_true", help="parameter counts of the Table 5 ablations")
+    p.add_argument("--table5", action="store_true",
+                   help="parameter counts of the Table 5 ablations")
     sub = p.add_subparsers(dest="command")
     c = sub.add_parser("convert", help="convert an authors' release checkpoint to ours")
     c.add_argument("src", help="the release's .pth (a state_dict)")
@@ -631,8 +654,10 @@ def main(argv=None):
         if args.command == "convert":
             model = from_official(checkpoints.load(args.src), args.heads)
             sd = model.state_dict()
-            checkpoints.save({"config": dataclasses.asdict(model.config), "model": sd, "ema": sd}, args.dst)
-            print(f"wrote {args.dst}: {sum(v.numel() for v in sd.values()):,} parameters, config {model.config}")
+            checkpoints.save({"config": dataclasses.asdict(model.config), "model": sd, "ema": sd},
+                             args.dst)
+            print(f"wrote {args.dst}: {sum(v.numel() for v in sd.values()):,} parameters, "
+                  f"config {model.config}")
         elif args.table5:
             base = VARIANTS["DiMR-M/3R"]
             for label, overrides, paper in TABLE5:

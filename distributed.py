@@ -25,7 +25,8 @@ def init():
                                     device_id=torch.device("cuda", torch.cuda.current_device()))
         else:
             dist.init_process_group("gloo", timeout=TIMEOUT)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+            else torch.device("cpu"))
 
 
 def rank():

@@ -1,4 +1,5 @@
-"""Encode an ImageNet-style image folder into Stable Diffusion VAE latents for the 256/512 px models.
+"""Encode an ImageNet-style image folder into Stable Diffusion VAE latents for the 256/512 px
+models.
 
 Paper Sec. 4: DiMR-XL/2R, G/2R (ImageNet 256) and XL/3R (ImageNet 512) are trained in the latent
 space of the Stable Diffusion KL-f8 VAE (vae.py), as in LDM, DiT and U-ViT. Preprocessing follows
@@ -75,7 +76,8 @@ def merge_to_npy(shard_paths, out_npy):
             counts.append(len(f[data.LABELS_KEY]))
     with checkpoints.atomic_write(data.labels_npy_path(out_npy)) as tmp_labels, \
             checkpoints.atomic_write(out_npy) as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(sum(counts), *sample_shape))
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                        shape=(sum(counts), *sample_shape))
         labels, start = [], 0
         for p, n in zip(shard_paths, counts):
             with np.load(p) as f:
@@ -90,27 +92,32 @@ def merge_to_npy(shard_paths, out_npy):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Encode a class-per-folder image directory (ImageNet train layout) into shards of "
-                    "Stable Diffusion VAE latents, each image and its horizontal flip, for train.py. "
-                    "Multi-process with torchrun; resumable (existing shards are skipped).",
+        description="Encode a class-per-folder image directory (ImageNet train layout) into "
+                    "shards of Stable Diffusion VAE latents, each image and its horizontal flip, "
+                    "for train.py. Multi-process with torchrun; resumable (existing shards are "
+                    "skipped).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-path", required=True, help="image folder with one sub-folder per class")
     p.add_argument("--image-size", type=int, required=True,
-                   help="ADM center crop size in pixels (256 or 512 in the paper); the latents are size/8 "
-                        "on a side")
+                   help="ADM center crop size in pixels (256 or 512 in the paper); the latents "
+                        "are size/8 on a side")
     p.add_argument("--out", required=True, help="output directory of shard_NNNNN.npz")
-    p.add_argument("--vae", default=vae_lib.DEFAULT_VAE, help="diffusers AutoencoderKL directory or hub name")
-    p.add_argument("--shard-size", type=int, default=10000, help="source images per shard (each shard stores 2x "
-                                                                 "as many latents, with the flips)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE forward pass (per process; the "
-                                                              "flips double it)")
-    p.add_argument("--workers", type=int, default=8, help="image decoding worker processes per process")
+    p.add_argument("--vae", default=vae_lib.DEFAULT_VAE,
+                   help="diffusers AutoencoderKL directory or hub name")
+    p.add_argument("--shard-size", type=int, default=10000,
+                   help="source images per shard (each shard stores 2x as many latents, with the "
+                        "flips)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per VAE forward pass (per process; the flips double it)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="image decoding worker processes per process")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16",
-                   help="storage type; float16 rounds by at most 2^-11 relative, far below the noise "
-                        "std sqrt(beta_1) = 0.029 of the smallest diffusion step")
-    p.add_argument("--npy", default=None, help="after all shards exist, also write them as one memory-mappable "
-                                               "NPY (and NPY's _labels.npy), which data.py reads without "
-                                               "loading it into each process's memory")
+                   help="storage type; float16 rounds by at most 2^-11 relative, far below the "
+                        "noise std sqrt(beta_1) = 0.029 of the smallest diffusion step")
+    p.add_argument("--npy", default=None,
+                   help="after all shards exist, also write them as one memory-mappable NPY (and "
+                        "NPY's _labels.npy), which data.py reads without loading it into each "
+                        "process's memory")
     return p
 
 
@@ -119,7 +126,8 @@ def run(args):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     if args.image_size < vae_lib.DOWNSAMPLE or args.image_size % vae_lib.DOWNSAMPLE:
-        raise ValueError(f"--image-size must be a positive multiple of {vae_lib.DOWNSAMPLE}, got {args.image_size}")
+        raise ValueError(f"--image-size must be a positive multiple of {vae_lib.DOWNSAMPLE}, "
+                         f"got {args.image_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if not Path(args.data_path).is_dir():
@@ -136,15 +144,16 @@ def run(args):
     distributed.print0(f"{folder.description}; {len(shards)} shards of {args.shard_size} images, "
                        f"{sum(1 for p in paths if p.exists())} already done; {world} process(es)")
     if distributed.is_main():
-        checkpoints.write_text(out / "classes.txt", "".join(f"{name}\n" for name in folder.class_names))
+        checkpoints.write_text(out / "classes.txt",
+                               "".join(f"{name}\n" for name in folder.class_names))
 
     if todo:
         vae = vae_lib.load_vae(args.vae, device)
         progress = Progress(f"extract (rank 0 of {world})" if world > 1 else "extract",
                             sum(len(shards[k]) for k in todo)) if distributed.is_main() else None
         for k in todo:
-            latents, labels = encode_shard(vae, shards[k], args.image_size, args.batch_size, args.workers,
-                                           DTYPES[args.dtype], progress)
+            latents, labels = encode_shard(vae, shards[k], args.image_size, args.batch_size,
+                                           args.workers, DTYPES[args.dtype], progress)
             save_shard(paths[k], latents, labels)
     distributed.barrier()  # every shard is written
     if args.npy and distributed.is_main():

@@ -14,11 +14,13 @@ def format_seconds(s):
     if not math.isfinite(s):
         return "?"
     s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+    return (f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600
+            else f"{s // 60}m{s % 60:02d}s")
 
 
 class Progress:
-    """done/total, items/s, elapsed and ETA; at most one line per `every` seconds (and always the last)."""
+    """done/total, items/s, elapsed and ETA; at most one line per `every` seconds (and always
+    the last)."""
 
     def __init__(self, prefix, total, unit="images", every=0.0):
         self.prefix, self.total, self.unit, self.every = prefix, total, unit, every
@@ -34,4 +36,5 @@ class Progress:
         rate = self.done / max(elapsed, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
         print(f"{self.prefix}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
-              f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}", file=sys.stderr, flush=True)
+              f"elapsed {format_seconds(elapsed)}, ETA {format_seconds(eta)}",
+              file=sys.stderr, flush=True)

@@ -38,22 +38,24 @@ from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, ORDERS, RE
                        SPACINGS, VARIANTS, ddpm_sample, dpm_solver_sample, sampler_settings)
 from progress import Progress
 
-RELEASE_CFG_SCALE = 0.4  # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
+# s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
+RELEASE_CFG_SCALE = 0.4
 # The default sampler at 25 evaluations solves the ODE at least as accurately as the release's
 # FID-50K setting, 250 evaluations of its own sampler (README, "Sampler accuracy").
 DEFAULT_STEPS = 25
 GRID_MAX = 64  # images in grid.png
 GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
 GRID_PAD = 4  # white pixels around each grid cell
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of the network
+# autocast dtype of the network
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # diffusion.METHODS: UniPC ('unipc', the default) and DPM-Solver++ ('singlestep', 'multistep');
 # 'release': the release's sampler (RELEASE_SAMPLER, whatever order and skip say); 'ddpm': DDPM
 # ancestral sampling with all 1000 steps.
 SAMPLERS = (*diffusion.METHODS, "release", "ddpm")
-CLASSES_HELP = ("class of image i: 'even' (image i of N gets class floor(i K / N): exactly N / K per "
-                "class, in class order, as the release's FID-50K, when K divides N), a list '3,1,4' or "
-                "an inclusive range '0-9' (cycled over the images), or 'random' (uniform, drawn with "
-                "--seed)")
+CLASSES_HELP = ("class of image i: 'even' (image i of N gets class floor(i K / N): exactly N / K "
+                "per class, in class order, as the release's FID-50K, when K divides N), a list "
+                "'3,1,4' or an inclusive range '0-9' (cycled over the images), or 'random' "
+                "(uniform, drawn with --seed)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,9 +78,9 @@ def check_labels(labels, num_classes):
 
 
 @torch.no_grad()
-def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE, decay_power=None,
-             order=None, method=DEFAULT_SAMPLER["method"], skip=None, variant=None,
-             lower_order_final=None, batch_size=64, device="cpu", amp_dtype=None):
+def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE,
+             decay_power=None, order=None, method=DEFAULT_SAMPLER["method"], skip=None,
+             variant=None, lower_order_final=None, batch_size=64, device="cpu", amp_dtype=None):
     """Class-conditional samples in model space (pixels in [-1, 1] or scaled latents), float32 CPU.
 
     labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
@@ -105,9 +107,10 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
         y = labels[start:start + batch_size].to(device)
         generators = image_generators(seeds[start:start + batch_size])
         x_T = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-                           for g in generators]).to(device)                            # (B, C, H, W)
+                           for g in generators]).to(device)                 # (B, C, H, W)
         eps_fn = diffusion.guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
-        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype,
+                            enabled=amp_dtype is not None):
             if method == "ddpm":
                 x = ddpm_sample(eps_fn, x_T, generator=generators)
             else:
@@ -119,7 +122,8 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
 
 
 def to_uint8(x):
-    """Images in [-1, 1] (N, C, H, W), C = 1 or 3 -> uint8 (N, H, W, 3): round(127.5 (x + 1)), clipped."""
+    """Images in [-1, 1] (N, C, H, W), C = 1 or 3 -> uint8 (N, H, W, 3): round(127.5 (x + 1)),
+    clipped."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected images [N, 1 or 3, H, W], got {list(x.shape)}")
     x = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # floor(v + 0.5) = round
@@ -130,7 +134,8 @@ def decode_to_uint8(x, config, vae=None):
     """Model-space samples -> uint8 (N, H, W, 3); latent models go through the VAE decoder first."""
     if vae_lib.is_latent(config):
         if vae is None:
-            raise ValueError("this is a latent model: pass a VAE (vae.load_vae) to decode its samples")
+            raise ValueError("this is a latent model: pass a VAE (vae.load_vae) to decode its "
+                             "samples")
         x = vae_lib.decode(vae, x)
     return to_uint8(x)
 
@@ -144,7 +149,8 @@ def save_grid(images, labels, path, ncol=None):
     images = np.asarray(images)
     n, h, w, _ = images.shape
     if n == 0 or len(labels) != n:
-        raise ValueError(f"need at least one image and one label per image, got {n} images, {len(labels)} labels")
+        raise ValueError(f"need at least one image and one label per image, got {n} images, "
+                         f"{len(labels)} labels")
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
     scale = max(1, math.ceil(GRID_MIN_CELL / min(h, w)))
@@ -203,13 +209,16 @@ def write_npz(path, parts, labels):
     """
     n = sum(len(p) for p in parts)
     shape = (n, *parts[0].shape[1:])
-    with checkpoints.atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with checkpoints.atomic_write(path) as tmp, \
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape})
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False, "shape": shape})
             for part in parts:
                 for start in range(0, len(part), 1024):
-                    f.write(np.ascontiguousarray(part[start:start + 1024], dtype=np.uint8).tobytes())
+                    f.write(np.ascontiguousarray(part[start:start + 1024],
+                                                 dtype=np.uint8).tobytes())
         with zf.open("labels.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
 
@@ -219,25 +228,28 @@ def write_npz(path, parts, labels):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Sample class-conditional images from a DiMR checkpoint (ours, or converted from the "
-                    "release with `python dimr.py convert`). Writes grid.png, images/NNNNNN.png and "
-                    "samples.npz (arr_0 uint8 [N, H, W, 3], labels [N]) to --out. Multi-process: "
-                    "torchrun --nproc_per_node=G sample.py ...",
+        description="Sample class-conditional images from a DiMR checkpoint (ours, or converted "
+                    "from the release with `python dimr.py convert`). Writes grid.png, "
+                    "images/NNNNNN.png and samples.npz (arr_0 uint8 [N, H, W, 3], labels [N]) to "
+                    "--out. Multi-process: torchrun --nproc_per_node=G sample.py ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint .pt with config and weights (train.py or dimr.py convert)")
+    p.add_argument("checkpoint",
+                   help="checkpoint .pt with config and weights (train.py or dimr.py convert)")
     p.add_argument("--out", required=True, help="output directory")
-    # not `--num`: torchrun reads abbreviations of its own flags (--numa-binding) after the script too
+    # not `--num`: torchrun reads abbreviations of its own flags (--numa-binding) after the
+    # script too
     p.add_argument("--num-images", type=int, default=64, help="number of images N")
     p.add_argument("--classes", default="even", help=CLASSES_HELP)
-    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed SEED + i, "
-                                                        "whatever the number of processes")
+    p.add_argument("--seed", type=int, default=0,
+                   help="image i starts from the noise of seed SEED + i, whatever the number of "
+                        "processes")
     p.add_argument("--cfg-scale", type=float, default=RELEASE_CFG_SCALE,
-                   help="classifier-free guidance s in the release's convention eps = eps_c + s (eps_c - eps_u) "
-                        "(= guidance scale 1 + s); 0.4 is the release's for ImageNet 256; 0 = none (the paper's "
-                        "ImageNet 64 results)")
+                   help="classifier-free guidance s in the release's convention "
+                        "eps = eps_c + s (eps_c - eps_u) (= guidance scale 1 + s); 0.4 is the "
+                        "release's for ImageNet 256; 0 = none (the paper's ImageNet 64 results)")
     p.add_argument("--decay-power", type=float, default=None,
-                   help="power-cosine guidance decay: w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; "
-                        "default constant guidance")
+                   help="power-cosine guidance decay: "
+                        "w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; default constant guidance")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help="network evaluations of the sampler (with guidance each one pass over a "
                         "doubled batch: conditional and null class); the default sampler at 25 is "
@@ -262,12 +274,15 @@ def build_parser():
                    help=f"UniPC: lower the order of the last steps (None: only {few})")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="images per forward pass and per saved batch (a resumed run needs the same)")
+                   help="images per forward pass and per saved batch (a resumed run needs the "
+                        "same)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="the network's arithmetic: fp32, or bf16 / fp16 autocast, faster on GPUs but they slightly "
-                        "change the samples (a few pixel levels); the solver and the VAE run in fp32")
+                   help="the network's arithmetic: fp32, or bf16 / fp16 autocast, faster on GPUs "
+                        "but they slightly change the samples (a few pixel levels); the solver "
+                        "and the VAE run in fp32")
     p.add_argument("--vae", default=vae_lib.DEFAULT_VAE,
-                   help="latent models only: diffusers AutoencoderKL directory or hub name used to decode")
+                   help="latent models only: diffusers AutoencoderKL directory or hub name used "
+                        "to decode")
     p.add_argument("--no-png", action="store_true", help="do not write images/NNNNNN.png")
     return p
 
@@ -310,10 +325,12 @@ def open_parts(parts, settings):
             checkpoints.write_text(record, json.dumps(settings, indent=2) + "\n")
     distributed.barrier()
     stored = json.loads(record.read_text())
-    changed = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in settings.items() if stored.get(k) != v]
+    changed = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in settings.items()
+               if stored.get(k) != v]
     if changed:
-        raise ValueError(f"{parts} holds an unfinished run with other settings ({'; '.join(changed)}): "
-                         f"rerun with its arguments to continue it, or remove {parts}")
+        raise ValueError(f"{parts} holds an unfinished run with other settings "
+                         f"({'; '.join(changed)}): rerun with its arguments to continue it, "
+                         f"or remove {parts}")
     done = {int(p.stem.split("_")[1]) for p in parts.glob("batch_*.npy")}
     distributed.barrier()  # every rank has seen the same finished batches before any writes one
     return done
@@ -331,10 +348,11 @@ def run(args):
     sampler = ("DDPM, 1000 ancestral steps" if args.method == "ddpm" else
                f"{args.steps} steps of " + ("the release's sampler" if args.method == "release" else
                                             diffusion.sampler_name(solver_settings(args))))
-    distributed.print0(f"sampling {args.num_images} images of {cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
-                       f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} process(es): {sampler}, "
-                       f"cfg scale {args.cfg_scale}, decay power {args.decay_power}, {args.weights} weights, "
-                       f"{args.precision}")
+    distributed.print0(f"sampling {args.num_images} images of "
+                       f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
+                       f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} "
+                       f"process(es): {sampler}, cfg scale {args.cfg_scale}, "
+                       f"decay power {args.decay_power}, {args.weights} weights, {args.precision}")
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png")}
     settings["checkpoint"] = str(Path(args.checkpoint).resolve())
@@ -351,9 +369,10 @@ def run(args):
                    sum(len(batches[b]) for b in todo)) if distributed.is_main() else None
     for b in todo:
         idx = batches[b]
-        x = generate(model, labels[idx], args.seed + idx, steps=args.steps, cfg_scale=args.cfg_scale,
-                     decay_power=args.decay_power, order=args.order, method=args.method, skip=args.skip,
-                     variant=args.variant, lower_order_final=args.lower_order_final,
+        x = generate(model, labels[idx], args.seed + idx, steps=args.steps,
+                     cfg_scale=args.cfg_scale, decay_power=args.decay_power, order=args.order,
+                     method=args.method, skip=args.skip, variant=args.variant,
+                     lower_order_final=args.lower_order_final,
                      batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
         images = decode_to_uint8(x.to(device), cfg, vae)
         if not args.no_png:
@@ -369,15 +388,17 @@ def run(args):
         paths = [batch_path(parts, b) for b in range(len(batches))]
         arrays = [np.load(p, mmap_mode="r") for p in paths]
         write_npz(out / "samples.npz", arrays, labels)
-        first = np.concatenate([a for a, _ in zip(arrays, range(math.ceil(GRID_MAX / args.batch_size)))])
+        first = np.concatenate([a for a, _ in
+                                zip(arrays, range(math.ceil(GRID_MAX / args.batch_size)))])
         save_grid(first[:GRID_MAX], labels[:min(GRID_MAX, len(first))], out / "grid.png")
         del arrays
         for p in [*paths, parts / "settings.json"]:
             p.unlink()
         parts.rmdir()
         side = first.shape[1]
-        print(f"wrote {out / 'samples.npz'} (arr_0 uint8 [{args.num_images}, {side}, {side}, 3], labels) and "
-              f"{out / 'grid.png'}" + ("" if args.no_png else f" and {out / 'images'}/"), flush=True)
+        print(f"wrote {out / 'samples.npz'} (arr_0 uint8 [{args.num_images}, {side}, {side}, 3], "
+              f"labels) and {out / 'grid.png'}"
+              + ("" if args.no_png else f" and {out / 'images'}/"), flush=True)
 
 
 def main(argv=None):

@@ -596,7 +596,8 @@ def idle_cores(seconds=0.5):
         return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
     cores = len(os.sched_getaffinity(0))
     try:
-        (idle0, total0), _, (idle1, total1) = idle_and_total(), time.sleep(seconds), idle_and_total()
+        (idle0, total0), _, (idle1, total1) = (idle_and_total(), time.sleep(seconds),
+                                               idle_and_total())
     except OSError:
         return cores
     idle = (idle1 - idle0) / max(total1 - total0, 1) * os.cpu_count()

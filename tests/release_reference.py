@@ -151,18 +151,22 @@ def release_forward(sd, x, n, y, heads):
             tokens = tokens + layer_norm(sd, f"{s}.upsample.2", u, t)
         feats = [tokens]
         nb = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"{s}.blocks."))
-        z = torch.cat([sd["stages.0.class_embeds.weight"][y][:, None], tokens], 1) if r == 0 else tokens
+        z = (torch.cat([sd["stages.0.class_embeds.weight"][y][:, None], tokens], 1) if r == 0
+             else tokens)
         extra = 1 if r == 0 else 0
         stack = []
         for b in range(nb):
             k = f"{s}.blocks.{b}"
             if b > nb // 2:  # last in, first out: block nb - 1 - i takes the output of block i
-                z = linear(sd, f"{s}.skip_denses.{b - nb // 2 - 1}", torch.cat([z, stack.pop()], -1))
+                z = linear(sd, f"{s}.skip_denses.{b - nb // 2 - 1}",
+                           torch.cat([z, stack.pop()], -1))
             if r == 0:
-                z = z + attention(sd, k + ".block1", rms_norm(z, td(sd, k + ".block1.norm.scale", t)), heads)
+                z = z + attention(sd, k + ".block1",
+                                  rms_norm(z, td(sd, k + ".block1.norm.scale", t)), heads)
             else:
                 m = z.transpose(1, 2).reshape(B, D, h, w)
-                m = F.conv2d(m, sd[k + ".block1.1.weight"], sd[k + ".block1.1.bias"], padding=3, groups=D)
+                m = F.conv2d(m, sd[k + ".block1.1.weight"], sd[k + ".block1.1.bias"], padding=3,
+                             groups=D)
                 z = z + m.flatten(2).transpose(1, 2)
             z = z + glu(sd, k + ".block2", rms_norm(z, td(sd, k + ".block2.norm.scale", t)))
             if b < nb // 2:
@@ -170,6 +174,7 @@ def release_forward(sd, x, n, y, heads):
             feats.append(z[:, extra:])
         z = layer_norm(sd, f"{s}.output_layer.0", z[:, extra:], t)
         z = z.transpose(1, 2).reshape(B, D, h, w)
-        outputs.append(F.conv2d(z, sd[f"{s}.output_layer.2.weight"], sd[f"{s}.output_layer.2.bias"], padding=1))
+        outputs.append(F.conv2d(z, sd[f"{s}.output_layer.2.weight"],
+                                sd[f"{s}.output_layer.2.bias"], padding=1))
         prev = feats
     return outputs

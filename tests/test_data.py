@@ -26,7 +26,8 @@ def test_digits_are_sklearn_digits_in_model_space():
 
 def test_loading_data_does_not_import_the_fid_code():
     code = "import sys, data; print(sorted(m for m in ('fid', 'scipy') if m in sys.modules))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parent, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parent,
+                         capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
 
 
@@ -34,7 +35,8 @@ def test_digits_upsampled():
     x8 = data.digits(8).dataset.tensors[0]
     x16 = data.digits(16).dataset.tensors[0]
     assert x16.shape == (1797, 1, 16, 16)
-    # bilinear 2x with half-pixel centres: output pixel (0, 0) samples input (-1/4, -1/4), clamped to (0, 0)
+    # bilinear 2x with half-pixel centres: output pixel (0, 0) samples input (-1/4, -1/4),
+    # clamped to (0, 0)
     assert torch.equal(x16[:, 0, 0, 0], x8[:, 0, 0, 0])
     # a pixel strictly inside: output (2i+1) samples input i + 1/4 -> 3/4 x[i] + 1/4 x[i+1] per axis
     i = 3
@@ -63,7 +65,8 @@ def test_center_crop_halves_with_a_box_filter():
     arr = np.random.default_rng(2).integers(0, 256, (64, 64, 3))
     block_mean = arr.reshape(32, 2, 32, 2, 3).mean((1, 3))            # what BOX halving computes
     out = data.center_crop_arr(rgb(arr), 32).astype(float)
-    assert np.abs(out - block_mean).max() <= 1  # pillow's fixed-point filter rounds to a neighbouring uint8
+    # pillow's fixed-point filter rounds to a neighbouring uint8
+    assert np.abs(out - block_mean).max() <= 1
 
 
 def make_folder(root, classes, size=(40, 24)):
@@ -79,12 +82,15 @@ def test_image_folder(tmp_path):
     root = make_folder(tmp_path / "imgs", ["b_dog", "a_cat", "c_owl"])
     (tmp_path / "imgs" / "a_cat" / "notes.txt").write_text("not an image")
     d = data.open_data(str(root), image_size=16)
-    assert d.class_names == ["a_cat", "b_dog", "c_owl"] and d.num_classes == 3 and len(d.dataset) == 3 and d.flip
+    assert d.class_names == ["a_cat", "b_dog", "c_owl"] and d.num_classes == 3 \
+        and len(d.dataset) == 3 and d.flip
     for i in range(3):
         x, y = d.dataset[i]
         assert x.shape == (3, 16, 16) and y == i
-        colour = torch.tensor([10.0, 20.0, 30.0]) * ["b_dog", "a_cat", "c_owl"].index(d.class_names[i])
-        torch.testing.assert_close(x, (colour / 127.5 - 1)[:, None, None].expand(3, 16, 16), atol=1e-6, rtol=0)
+        colour = torch.tensor([10.0, 20.0, 30.0]) \
+            * ["b_dog", "a_cat", "c_owl"].index(d.class_names[i])
+        torch.testing.assert_close(x, (colour / 127.5 - 1)[:, None, None].expand(3, 16, 16),
+                                   atol=1e-6, rtol=0)
 
 
 def test_image_folder_without_images(tmp_path):
@@ -113,13 +119,15 @@ def test_latents_npz_shards_and_npy_agree(tmp_path):
         x, y = data.load_latents(tmp_path / path)
         assert x.dtype == np.float16 and np.array_equal(x, lat)
         assert y.dtype == np.int64 and np.array_equal(y, labels)
-        assert isinstance(x, np.memmap) == (path == "lat.npy")  # the .npy is shared through the page cache
+        # the .npy is shared through the page cache
+        assert isinstance(x, np.memmap) == (path == "lat.npy")
         d = data.open_data(str(tmp_path / path), num_classes=7)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. torch.from_numpy on a read-only memory map
             item, label = d.dataset[3]
         assert d.channels == 4 and d.image_size == 4 and d.num_classes == 7 and not d.flip
-        assert item.dtype == torch.float32 and np.array_equal(item.numpy(), lat[3].astype(np.float32))
+        assert item.dtype == torch.float32 \
+            and np.array_equal(item.numpy(), lat[3].astype(np.float32))
         assert label == labels[3]
 
 
@@ -154,7 +162,8 @@ def test_open_data_errors(tmp_path):
         data.open_data("digits", num_classes=10)
 
 
-def test_arrays_held_by_every_process_are_reported_once_under_torchrun(tmp_path, monkeypatch, capsys):
+def test_arrays_held_by_every_process_are_reported_once_under_torchrun(tmp_path, monkeypatch,
+                                                                        capsys):
     lat, labels = latent_arrays()
     np.savez(tmp_path / "all.npz", latents=lat, labels=labels)
     np.save(tmp_path / "lat.npy", lat)
@@ -164,7 +173,8 @@ def test_arrays_held_by_every_process_are_reported_once_under_torchrun(tmp_path,
     monkeypatch.setattr(data.distributed, "world_size", lambda: 8)
     data.open_data(str(tmp_path / "all.npz"), num_classes=7)
     err = capsys.readouterr().err
-    assert err.startswith("warning: every one of the 8 processes holds all of") and err.count("\n") == 1
+    assert err.startswith("warning: every one of the 8 processes holds all of") \
+        and err.count("\n") == 1
     assert "extract_latents.py --npy" in err
     data.open_data(str(tmp_path / "lat.npy"), num_classes=7)
     assert capsys.readouterr().err == ""                               # memory-mapped: shared
@@ -187,7 +197,8 @@ def test_downsampled_imagenet_decodes_the_plane_layout(tmp_path):
     hand[0 * S * S + 5 * S + 7] = 200
     hand[1 * S * S + 5 * S + 7] = 100
     hand[2 * S * S + 63 * S + 0] = 50
-    photos = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)   # (N, H, W, RGB)
+    # (N, H, W, RGB)
+    photos = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)
     planes = [np.concatenate([p[:, :, c].reshape(-1) for c in range(3)]) for p in photos]
     root = tmp_path / "Imagenet64_train"
     root.mkdir()
@@ -196,16 +207,18 @@ def test_downsampled_imagenet_decodes_the_plane_layout(tmp_path):
     write_downsampled(root / "Imagenet64_val.npz", [planes[0]], [3])            # not training data
 
     d = data.open_data(str(root))
-    assert (len(d.dataset), d.num_classes, d.image_size, d.channels, d.flip) == (3, 1000, S, 3, True)
+    assert (len(d.dataset), d.num_classes, d.image_size, d.channels, d.flip) \
+        == (3, 1000, S, 3, True)
     assert [d.dataset[i][1] for i in range(3)] == [0, 999, 6]                  # 1-based -> 0-based
     x, _ = d.dataset[0]
     expected = -torch.ones(3, S, S)
-    expected[0, 5, 7], expected[1, 5, 7], expected[2, 63, 0] = 200 / 127.5 - 1, 100 / 127.5 - 1, 50 / 127.5 - 1
+    expected[0, 5, 7], expected[1, 5, 7], expected[2, 63, 0] = (200 / 127.5 - 1, 100 / 127.5 - 1,
+                                                                50 / 127.5 - 1)
     assert x.dtype == torch.float32
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
     for i, photo in zip((1, 2), photos):
-        torch.testing.assert_close(d.dataset[i][0].permute(1, 2, 0), torch.from_numpy(photo / 127.5 - 1).float(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(d.dataset[i][0].permute(1, 2, 0),
+                                   torch.from_numpy(photo / 127.5 - 1).float(), rtol=0, atol=1e-6)
     single = data.open_data(str(root / "Imagenet64_train_part2.npz"), image_size=S)
     assert len(single.dataset) == 1 and single.dataset[0][1] == 6
 

@@ -17,7 +17,7 @@ import diffusion
 import dimr
 from release_reference import release_state_dict
 
-# -- the schedule from its definition (numpy, float64) ---------------------------------------------
+# -- the schedule from its definition (numpy, float64) -----------------------------------------
 BETAS = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
 ALPHA_BAR = np.cumprod(1.0 - BETAS)  # alpha_bar_n at index n - 1
 T_GRID = np.arange(1, 1001) / 1000.0  # t_n = n / 1000
@@ -42,13 +42,14 @@ def t_of_lambda(lmb):
     return np.interp(log_alpha, LOG_ALPHA[::-1], T_GRID[::-1])
 
 
-# -- Gaussian data ---------------------------------------------------------------------------------
+# -- Gaussian data -----------------------------------------------------------------------------
 S = np.array([0.5, 2.0] * 4)  # per-dimension data standard deviation
 MU = np.array([0.3, -0.7, 1.1, 0.0, -0.2, 0.9, -1.3, 0.5])
 
 
 def optimal_eps_fn(mu, s):
-    """Optimal noise predictor sigma_t (x - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2), t = n / 1000."""
+    """Optimal noise predictor sigma_t (x - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2),
+    t = n / 1000."""
     def eps_fn(x, n):
         t = n.numpy() / 1000.0
         a, sg = alpha(t)[:, None], sigma(t)[:, None]
@@ -63,11 +64,13 @@ def x_T_samples(batch=64, seed=0, mu=MU, s=S):
     """Samples of x at t = 1: N(alpha_1 mu, alpha_1^2 s^2 + sigma_1^2)."""
     rng = np.random.default_rng(seed)
     a, sg = alpha(1.0), sigma(1.0)
-    return torch.from_numpy(a * mu + np.sqrt(a ** 2 * s ** 2 + sg ** 2) * rng.standard_normal((batch, len(s))))
+    return torch.from_numpy(a * mu + np.sqrt(a ** 2 * s ** 2 + sg ** 2)
+                            * rng.standard_normal((batch, len(s))))
 
 
 def exact_solution(x_T, mu=MU, s=S):
-    """The PF-ODE keeps z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2): map t = 1 -> 1/1000."""
+    """The PF-ODE keeps z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2): map
+    t = 1 -> 1/1000."""
     def scale(t):
         return np.sqrt(alpha(t) ** 2 * s ** 2 + sigma(t) ** 2)
     z = (x_T.numpy() - alpha(1.0) * mu) / scale(1.0)
@@ -80,17 +83,19 @@ def solver_error(steps, x_T=None, **solver):
     return float(np.sqrt(np.mean((x.numpy() - exact_solution(x_T)) ** 2)))
 
 
-# -- schedule ----------------------------------------------------------------------------------------
+# -- schedule ----------------------------------------------------------------------------------
 
 def test_constants_and_tables():
-    assert (diffusion.NUM_TIMESTEPS, diffusion.BETA_START, diffusion.BETA_END) == (1000, 0.00085, 0.012)
+    assert (diffusion.NUM_TIMESTEPS, diffusion.BETA_START, diffusion.BETA_END) \
+        == (1000, 0.00085, 0.012)
     ns = diffusion.DiscreteSchedule()
     assert ns.betas.dtype == ns.alphas_cumprod.dtype == torch.float64
     np.testing.assert_allclose(ns.betas.numpy(), BETAS, rtol=1e-12)
     np.testing.assert_allclose(ns.alphas_cumprod.numpy(), ALPHA_BAR, rtol=1e-12)
     # alpha_bar_n = prod_{i <= n} (1 - beta_i), written out for n = 3
     b = [(0.00085 ** 0.5 + i * (0.012 ** 0.5 - 0.00085 ** 0.5) / 999) ** 2 for i in range(3)]
-    assert float(ns.alphas_cumprod[2]) == pytest.approx((1 - b[0]) * (1 - b[1]) * (1 - b[2]), rel=1e-12)
+    assert float(ns.alphas_cumprod[2]) == pytest.approx((1 - b[0]) * (1 - b[1]) * (1 - b[2]),
+                                                        rel=1e-12)
 
 
 def test_q_sample():
@@ -101,7 +106,8 @@ def test_q_sample():
     expected = np.sqrt(ALPHA_BAR[n - 1])[:, None, None, None] * x0.numpy() \
         + np.sqrt(1 - ALPHA_BAR[n - 1])[:, None, None, None] * eps.numpy()
     np.testing.assert_allclose(ns.q_sample(x0, n, eps).numpy(), expected, rtol=1e-5, atol=1e-6)
-    # float64 data after a float32 call: the coefficient tables are kept per dtype, not rounded to float32
+    # float64 data after a float32 call: the coefficient tables are kept per dtype, not rounded
+    # to float32
     out64 = ns.q_sample(x0.double(), n, eps.double())
     assert out64.dtype == torch.float64
     np.testing.assert_allclose(out64.numpy(), expected, rtol=1e-12, atol=1e-14)
@@ -110,7 +116,8 @@ def test_q_sample():
 def test_continuous_time_view():
     ns = diffusion.DiscreteSchedule()
     n = np.array([1, 2, 37, 500, 999, 1000])
-    np.testing.assert_allclose(ns.alpha_t(torch.from_numpy(n / 1000)).numpy(), np.sqrt(ALPHA_BAR[n - 1]), rtol=1e-12)
+    np.testing.assert_allclose(ns.alpha_t(torch.from_numpy(n / 1000)).numpy(),
+                               np.sqrt(ALPHA_BAR[n - 1]), rtol=1e-12)
     # halfway between t_n and t_{n+1}, log alpha is the mean of the two ends
     mid = (n[:-1] + 0.5) / 1000
     expected = np.exp(0.5 * (LOG_ALPHA[n[:-1] - 1] + LOG_ALPHA[n[:-1]]))
@@ -122,7 +129,7 @@ def test_continuous_time_view():
     np.testing.assert_allclose(ns.inverse_lambda(torch.from_numpy(lam(t))).numpy(), t, rtol=1e-9)
 
 
-# -- multi-scale loss ---------------------------------------------------------------------------------
+# -- multi-scale loss --------------------------------------------------------------------------
 
 def test_multiscale_targets_keep_unit_variance():
     eps = torch.randn(64, 4, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -131,7 +138,8 @@ def test_multiscale_targets_keep_unit_variance():
     for y in targets:  # at least 16384 values each: standard error of the variance < 0.011
         assert abs(y.var().item() - 1.0) < 0.05
     # sum-pool over 4 x 4, divided by 4
-    assert targets[0][1, 2, 3, 5].item() == pytest.approx(eps[1, 2, 12:16, 20:24].sum().item() / 4, rel=1e-5)
+    assert targets[0][1, 2, 3, 5].item() \
+        == pytest.approx(eps[1, 2, 12:16, 20:24].sum().item() / 4, rel=1e-5)
     assert torch.equal(targets[2], eps)
     with pytest.raises(ValueError, match="does not divide"):
         diffusion.multiscale_targets(eps, [12])
@@ -143,7 +151,8 @@ def test_multiscale_loss_by_hand():
     full = torch.full((1, 1, 4, 4), 0.5, dtype=torch.float64)
     # low-resolution target: each 2 x 2 block summed, divided by 2
     e = eps[0, 0].tolist()
-    blocks = [[(e[2 * i][2 * j] + e[2 * i][2 * j + 1] + e[2 * i + 1][2 * j] + e[2 * i + 1][2 * j + 1]) / 2
+    blocks = [[(e[2 * i][2 * j] + e[2 * i][2 * j + 1] + e[2 * i + 1][2 * j]
+                + e[2 * i + 1][2 * j + 1]) / 2
                for j in range(2)] for i in range(2)]
     p = low[0, 0].tolist()
     term_low = sum((p[i][j] - blocks[i][j]) ** 2 for i in range(2) for j in range(2)) / 4
@@ -163,7 +172,7 @@ def test_loss_weights_are_the_papers():
     assert diffusion.loss_weights(3) == [1 / 16, 0.25, 1.0]
 
 
-# -- classifier-free guidance --------------------------------------------------------------------------
+# -- classifier-free guidance ------------------------------------------------------------------
 
 class ToyModel:
     """Per-branch outputs [low, full]; full = x * (y + 1) + n / 1000; records the batch sizes."""
@@ -187,8 +196,9 @@ def test_guidance_scale_zero_is_conditional_with_one_forward():
     model, (x, y) = ToyModel(), toy_inputs()
     n = torch.tensor([1000.0, 500.0, 3.0], dtype=torch.float64)
     out = diffusion.guided_eps_fn(model, y, 0.0, ToyModel.NULL)(x, n)
-    torch.testing.assert_close(out, x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1)
-                               + (n / 1000).view(-1, 1, 1, 1))
+    torch.testing.assert_close(
+        out, x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1)
+        + (n / 1000).view(-1, 1, 1, 1))
     assert model.batches == [3]
 
 
@@ -196,7 +206,8 @@ def test_guidance_release_convention():
     model, (x, y) = ToyModel(), toy_inputs()
     n = torch.tensor([1000.0, 500.0, 3.0], dtype=torch.float64)
     out = diffusion.guided_eps_fn(model, y, 0.4, ToyModel.NULL)(x, n)
-    eps_c = x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1) + (n / 1000).view(-1, 1, 1, 1)
+    eps_c = x * torch.tensor([3.0, 1.0, 8.0], dtype=torch.float64).view(-1, 1, 1, 1) \
+        + (n / 1000).view(-1, 1, 1, 1)
     eps_u = x * 11.0 + (n / 1000).view(-1, 1, 1, 1)
     torch.testing.assert_close(out, eps_c + 0.4 * (eps_c - eps_u))
     torch.testing.assert_close(out, eps_u + 1.4 * (eps_c - eps_u))  # the usual w = 1 + s
@@ -212,7 +223,8 @@ def test_guidance_combines_low_precision_outputs_in_float32():
     def model(x, n, y):
         return [torch.cat([eps_c, eps_u])]
 
-    out = diffusion.guided_eps_fn(model, torch.tensor([0]), 0.4, 5)(torch.zeros(1, 3, 4, 4), torch.tensor([500.0]))
+    out = diffusion.guided_eps_fn(model, torch.tensor([0]), 0.4, 5)(torch.zeros(1, 3, 4, 4),
+                                                                    torch.tensor([500.0]))
     expected = eps_c.float() + 0.4 * (eps_c.float() - eps_u.float())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
@@ -242,7 +254,7 @@ def test_guidance_rejects_bad_settings():
         diffusion.guided_eps_fn(ToyModel(), toy_inputs()[1], 1.0, ToyModel.NULL, decay_power=0.0)
 
 
-# -- DPM-Solver -----------------------------------------------------------------------------------------
+# -- DPM-Solver --------------------------------------------------------------------------------
 
 def grid(skip, num):
     """The step boundaries from their definitions, t = 1 -> 1/1000."""
@@ -256,7 +268,8 @@ def grid(skip, num):
 @pytest.mark.parametrize("method", ["multistep", "singlestep"])
 @pytest.mark.parametrize("skip", ["time_uniform", "time_quadratic", "logSNR"])
 def test_order_one_is_ddim_step_by_step(method, skip):
-    """DDIM: x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i with x0_i = (x_i - sigma_i eps_i) / alpha_i."""
+    """DDIM: x_{i+1} = alpha_{i+1} x0_i + sigma_{i+1} eps_i with
+    x0_i = (x_i - sigma_i eps_i) / alpha_i."""
     def eps_fn(x, n):  # any smooth nonlinear predictor
         return torch.tanh(x) * (n / 1000).view(-1, 1) + 0.1 * x
 
@@ -296,7 +309,8 @@ def release_reference(eps_fn, x, steps):
     segments, ts = release_grid(steps)
 
     def x0_of(x, t):
-        return (x - sigma(t) * eps_fn(x, torch.full((x.shape[0],), 1000 * t, dtype=torch.float64))) / alpha(t)
+        return (x - sigma(t) * eps_fn(x, torch.full((x.shape[0],), 1000 * t,
+                                                    dtype=torch.float64))) / alpha(t)
 
     def ddim(x, s, t, x0):  # (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0
         return sigma(t) / sigma(s) * x - alpha(t) * np.expm1(lam(s) - lam(t)) * x0
@@ -332,8 +346,8 @@ def test_release_sampler_evaluates_on_the_release_grid(steps):
 
     seen = []
     x_T = x_T_samples(batch=4)
-    out = diffusion.dpm_solver_sample(lambda x, n: seen.append(n[0].item()) or eps_fn(x, n), x_T, steps,
-                                      **diffusion.RELEASE_SAMPLER)
+    out = diffusion.dpm_solver_sample(lambda x, n: seen.append(n[0].item()) or eps_fn(x, n), x_T,
+                                      steps, **diffusion.RELEASE_SAMPLER)
     segments, ts = release_grid(steps)
     expected = [1000 * ts[i + j] for i, k in segments for j in range(k)]
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
@@ -380,7 +394,7 @@ def test_release_sampling_path_equals_the_releases_eval(steps, guidance):
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-# -- UniPC -----------------------------------------------------------------------------------------
+# -- UniPC -------------------------------------------------------------------------------------
 
 # tests/data/unipc_official.npz holds outputs of the official UniPC code (wl-zhao/UniPC, uni_pc.py
 # at 25acd34), run outside this project in float64 (torch.set_default_dtype(torch.float64)) as
@@ -576,7 +590,8 @@ def test_steps_is_the_number_of_evaluations(method, order, steps):
     method, *options = method.split()
     unipc = dict(variant=options[0], lower_order_final=len(options) > 1) if options else {}
     calls, reported = [], []
-    diffusion.dpm_solver_sample(lambda x, n: calls.append(n) or gaussian_eps(x, n), x_T_samples(batch=2), steps,
+    diffusion.dpm_solver_sample(lambda x, n: calls.append(n) or gaussian_eps(x, n),
+                                x_T_samples(batch=2), steps,
                                 order=order, method=method, skip="logSNR", **unipc,
                                 progress=lambda done, total: reported.append((done, total)))
     assert len(calls) == steps
@@ -607,7 +622,7 @@ def test_solver_errors():
         diffusion.dpm_solver_sample(nan_after_three, x, 10)
 
 
-# -- DDPM ancestral sampling ----------------------------------------------------------------------------
+# -- DDPM ancestral sampling -------------------------------------------------------------------
 
 def test_ddpm_sample_moments():
     """With the optimal predictor every DDPM step is affine in x_n plus Gaussian noise, so the
@@ -629,7 +644,8 @@ def test_ddpm_sample_moments():
             v = v + beta * (1 - ALPHA_BAR[n - 2]) / (1 - ALPHA_BAR[n - 1])
     batch = 4000
     x_T = x_T_samples(batch=batch, seed=1, mu=mu, s=s)
-    x0 = diffusion.ddpm_sample(optimal_eps_fn(mu, s), x_T, generator=torch.Generator().manual_seed(0)).numpy()
+    x0 = diffusion.ddpm_sample(optimal_eps_fn(mu, s), x_T,
+                               generator=torch.Generator().manual_seed(0)).numpy()
     # 4 standard errors of the sample mean and variance
     assert np.all(np.abs(x0.mean(0) - m) < 4 * np.sqrt(v / batch))
     assert np.all(np.abs(x0.var(0) - v) < 4 * v * np.sqrt(2 / batch))

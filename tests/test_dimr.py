@@ -78,7 +78,8 @@ def test_release_key_names_map_onto_ours():
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in dimr.DiMR(dimr.get_config("xl")).state_dict().items()}
     assert theirs == ours
-    meta_sd = {line.split(" ", 1)[0]: torch.empty(ast.literal_eval(line.split(" ", 1)[1]), device="meta")
+    meta_sd = {line.split(" ", 1)[0]: torch.empty(ast.literal_eval(line.split(" ", 1)[1]),
+                                                  device="meta")
                for line in (DATA / "official_xl_2r_state_dict.txt").read_text().splitlines()}
     assert dimr.config_from_official(meta_sd, 16) == dimr.get_config("xl")
 
@@ -115,7 +116,8 @@ def test_from_official_equals_release_forward(blocks):
     sd = {k: v.double() for k, v in sd.items()}
     assert model.config.widths == widths and model.config.input_size == 4 * 2 ** (R - 1)
     assert [len(b.skips) for b in model.branches] == [n // 2 for n in blocks]
-    x = torch.randn(4, 3, model.config.input_size, model.config.input_size, dtype=torch.float64, generator=g)
+    x = torch.randn(4, 3, model.config.input_size, model.config.input_size, dtype=torch.float64,
+                    generator=g)
     x[1] = x[0]
     n = torch.tensor([1.0, 500.0, 873.0, 1000.0], dtype=torch.float64)
     y = torch.tensor([2, 2, 5, 4])                                     # 5 = null class
@@ -131,7 +133,8 @@ def test_from_official_equals_release_forward(blocks):
 
 
 def test_from_official_errors():
-    sd = release_state_dict(3, 5, 2, 4, (3, 3), (32, 16), generator=torch.Generator().manual_seed(0))
+    sd = release_state_dict(3, 5, 2, 4, (3, 3), (32, 16),
+                            generator=torch.Generator().manual_seed(0))
     extra = dict(sd, **{"stages.0.bogus.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected keys"):
         dimr.from_official(extra, 4)
@@ -152,7 +155,8 @@ def test_convert_command_roundtrip(tmp_path):
     dimr.main(["convert", str(tmp_path / "release.pth"), str(tmp_path / "ours.pt"), "--heads", "4"])
     model, _ = dimr.load_model(tmp_path / "ours.pt")
     x, t, y = inputs(model.config)
-    ref = release_forward({k: v.double() for k, v in sd.items()}, x.double(), t.double(), y, heads=4)
+    ref = release_forward({k: v.double() for k, v in sd.items()}, x.double(), t.double(), y,
+                          heads=4)
     for a, b in zip(model(x, t, y), ref):
         assert (a.double() - b).abs().max() / b.abs().max() < 1e-4
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
@@ -160,7 +164,8 @@ def test_convert_command_roundtrip(tmp_path):
         dimr.main(["convert", str(tmp_path / "bad.pth"), str(tmp_path / "x.pt"), "--heads", "4"])
     with pytest.raises(SystemExit, match="error: checkpoint not found"):
         dimr.main(["convert", str(tmp_path / "none.pth"), str(tmp_path / "x.pt"), "--heads", "4"])
-    with pytest.raises(ValueError, match=r"136 keys, e\.g\. stages\.0\..*looks like the authors' release"):
+    with pytest.raises(ValueError,
+                       match=r"136 keys, e\.g\. stages\.0\..*looks like the authors' release"):
         dimr.load_model(tmp_path / "release.pth")
     with pytest.raises(SystemExit, match="error: cannot write checkpoint"):
         dimr.main(["convert", str(tmp_path / "release.pth"), "/proc/ours.pt", "--heads", "4"])
@@ -291,7 +296,8 @@ def test_pixel_shuffle_layout_against_index_loop():
             for i in range(k):
                 for j in range(k):
                     for c in range(D):
-                        assert out[:, hh * k + i, ww * k + j, c].equal(x[:, hh, ww, (i * k + j) * D + c])
+                        assert out[:, hh * k + i, ww * k + j, c].equal(
+                            x[:, hh, ww, (i * k + j) * D + c])
 
 
 def test_position_embedding_index():
@@ -321,8 +327,9 @@ def test_adaln_zero_blocks_start_as_identity():
 
 
 def test_ln_ablation_prepends_a_time_token_and_a_class_token():
-    """U-ViT (Table 5's LN baseline): the Transformer branch sees [time token, class token, patches],
-    the time token the sinusoidal embedding of n (cos, then sin, of n * 10000^(-i / (D / 2)))."""
+    """U-ViT (Table 5's LN baseline): the Transformer branch sees [time token, class token,
+    patches], the time token the sinusoidal embedding of n (cos, then sin, of
+    n * 10000^(-i / (D / 2)))."""
     cfg = dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2, norm="ln")
     model = dimr.DiMR(cfg).eval()
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([7.0, 800.0]), torch.tensor([3, 10])
@@ -333,13 +340,15 @@ def test_ln_ablation_prepends_a_time_token_and_a_class_token():
     tokens = seen[0]                                                     # (B, 2 + 16, D)
     half = cfg.widths[0] // 2
     angles = t[:, None] * torch.tensor([10000.0 ** (-i / half) for i in range(half)])
-    torch.testing.assert_close(tokens[:, 0], torch.cat([angles.cos(), angles.sin()], -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens[:, 0], torch.cat([angles.cos(), angles.sin()], -1),
+                               rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens[:, 1], model.class_embed.weight[y])
     assert tokens.shape[1] == 2 + (8 // cfg.patch_size) ** 2
 
 
 @pytest.mark.parametrize("norm, mlp, depths, widths", [
-    ("ln", "gelu", (3,), (32,)), ("adaln_zero", "gelu", (3, 2), (32, 16)), ("td", "gelu", (3, 2), (32, 16)),
+    ("ln", "gelu", (3,), (32,)), ("adaln_zero", "gelu", (3, 2), (32, 16)),
+    ("td", "gelu", (3, 2), (32, 16)),
 ])
 def test_table5_ablations_run(norm, mlp, depths, widths):
     patch = 2 if len(depths) > 1 else 4

@@ -26,7 +26,8 @@ from diffusion import dpm_solver_sample
 from release_reference import release_forward, release_state_dict
 
 DATA = Path(__file__).parent / "data"
-SCALE = 0.18215  # the Stable Diffusion VAE's latent scale (LDM), written out independently of vae.py
+# the Stable Diffusion VAE's latent scale (LDM), written out independently of vae.py
+SCALE = 0.18215
 IMAGE_SIZE = 64  # 64 px images -> 8x8x4 latents with the tiny f8 autoencoder
 TINY_DIMR = dict(widths=(32, 16), depths=(2, 2), num_heads=2)
 
@@ -41,12 +42,14 @@ def needs_diffusers():
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    """A KL-f8 AutoencoderKL (4 down blocks, 4 latent channels) with random weights, saved like a hub model."""
+    """A KL-f8 AutoencoderKL (4 down blocks, 4 latent channels) with random weights, saved like a
+    hub model."""
     diffusers = needs_diffusers()
     torch.manual_seed(0)
     model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                                     down_block_types=("DownEncoderBlock2D",) * 4,
-                                    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    up_block_types=("UpDecoderBlock2D",) * 4,
+                                    block_out_channels=(8, 8, 8, 8),
                                     layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE)
     path = tmp_path_factory.mktemp("vae") / "tiny-kl-f8"
     model.save_pretrained(path)
@@ -59,10 +62,12 @@ def reference_vae(path):
 
 
 def make_image_folder(root):
-    """Two classes (sorted: 'a_cls' = 0, 'b_cls' = 1), five images of assorted sizes, modes and formats."""
+    """Two classes (sorted: 'a_cls' = 0, 'b_cls' = 1), five images of assorted sizes, modes and
+    formats."""
     g = np.random.default_rng(0)
-    files = {"b_cls/x.png": (90, 70, "RGB"), "b_cls/y.jpg": (64, 64, "RGB"), "a_cls/p.png": (150, 80, "L"),
-             "a_cls/q.png": (66, 200, "RGB"), "a_cls/r.png": (130, 129, "RGBA")}
+    files = {"b_cls/x.png": (90, 70, "RGB"), "b_cls/y.jpg": (64, 64, "RGB"),
+             "a_cls/p.png": (150, 80, "L"), "a_cls/q.png": (66, 200, "RGB"),
+             "a_cls/r.png": (130, 129, "RGBA")}
     for name, (w, h, mode) in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
@@ -76,9 +81,10 @@ def make_image_folder(root):
 def extracted(tmp_path_factory, tiny_vae_dir):
     root = tmp_path_factory.mktemp("latents")
     files, labels = make_image_folder(root / "images")
-    argv = ["--data-path", str(root / "images"), "--image-size", str(IMAGE_SIZE), "--out", str(root / "shards"),
-            "--vae", str(tiny_vae_dir), "--shard-size", "2", "--batch-size", "3", "--workers", "0",
-            "--dtype", "float32", "--npy", str(root / "all.npy")]
+    argv = ["--data-path", str(root / "images"), "--image-size", str(IMAGE_SIZE),
+            "--out", str(root / "shards"), "--vae", str(tiny_vae_dir), "--shard-size", "2",
+            "--batch-size", "3", "--workers", "0", "--dtype", "float32",
+            "--npy", str(root / "all.npy")]
     extract_latents.main(argv)
     return root, argv, files, labels
 
@@ -88,7 +94,8 @@ def extracted(tmp_path_factory, tiny_vae_dir):
 
 def test_shard_format_round_trips_through_data(tmp_path):
     g = np.random.default_rng(1)
-    shards = [(g.standard_normal((n, 4, 8, 8)).astype(np.float16), g.integers(0, 1000, n)) for n in (6, 4)]
+    shards = [(g.standard_normal((n, 4, 8, 8)).astype(np.float16), g.integers(0, 1000, n))
+              for n in (6, 4)]
     for k, (lat, lab) in enumerate(shards):
         extract_latents.save_shard(tmp_path / f"shard_{k:05d}.npz", lat, lab)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
@@ -102,13 +109,15 @@ def test_shard_format_round_trips_through_data(tmp_path):
     merged, merged_labels = data.load_latents(tmp_path / "all.npy")
     np.testing.assert_array_equal(merged, latents)
     np.testing.assert_array_equal(merged_labels, labels)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.npy", "all_labels.npy", "shard_00000.npz",
-                                                          "shard_00001.npz"]  # no temporary files left
+    # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.npy", "all_labels.npy",
+                                                          "shard_00000.npz", "shard_00001.npz"]
 
 
 def latent_checkpoint(path, seed=0, num_classes=3):
     torch.manual_seed(seed)
-    model = dimr.DiMR(dimr.get_config("s", in_channels=4, num_classes=num_classes, **TINY_DIMR)).eval()
+    model = dimr.DiMR(dimr.get_config("s", in_channels=4, num_classes=num_classes,
+                                      **TINY_DIMR)).eval()
     sd = model.state_dict()
     checkpoints.save({"config": dataclasses.asdict(model.config), "model": sd, "ema": sd}, path)
     return model
@@ -148,7 +157,8 @@ def test_vae_scales_the_posterior_mean(tiny_vae_dir):
 
 
 def test_vae_in_chunks_equals_one_call(tiny_vae_dir):
-    """5 images through encode / decode 2 at a time (3 calls) give the reference's single-batch result."""
+    """5 images through encode / decode 2 at a time (3 calls) give the reference's single-batch
+    result."""
     ref = reference_vae(tiny_vae_dir)
     vae = vae_lib.load_vae(tiny_vae_dir)
     x = torch.rand(5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -278,10 +288,12 @@ def test_extraction_encodes_each_image_and_its_flip(extracted, tiny_vae_dir):
     for i, path in enumerate(files):
         with Image.open(path) as image:
             arr = data.center_crop_arr(image.convert("RGB"), IMAGE_SIZE)
-        x = torch.from_numpy(np.stack([arr, arr[:, ::-1]]).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        x = torch.from_numpy(np.stack([arr, arr[:, ::-1]]).astype(np.float32)).permute(0, 3, 1, 2) \
+            / 127.5 - 1
         with torch.no_grad():
-            expected = ref.encode(x).latent_dist.mean * SCALE                # image i, then its mirror image
-        torch.testing.assert_close(torch.from_numpy(latents[2 * i:2 * i + 2]), expected, rtol=1e-4, atol=1e-5)
+            expected = ref.encode(x).latent_dist.mean * SCALE  # image i, then its mirror image
+        torch.testing.assert_close(torch.from_numpy(latents[2 * i:2 * i + 2]), expected,
+                                   rtol=1e-4, atol=1e-5)
     merged, merged_labels = data.load_latents(root / "all.npy")
     np.testing.assert_array_equal(merged, latents)
     np.testing.assert_array_equal(merged_labels, got_labels)
@@ -308,7 +320,8 @@ def test_extraction_errors(tmp_path):
 
     assert error("--data-path", str(tmp_path / "missing"), "--image-size", "64") == \
         f"error: --data-path {tmp_path / 'missing'}: no such directory"
-    assert "--image-size must be a positive multiple of 8" in error("--data-path", str(tmp_path), "--image-size", "60")
+    assert "--image-size must be a positive multiple of 8" in error("--data-path", str(tmp_path),
+                                                                    "--image-size", "60")
     (tmp_path / "empty_class").mkdir()
     assert error("--data-path", str(tmp_path), "--image-size", "64").startswith("error: no images")
 
@@ -322,16 +335,17 @@ def test_extraction_training_sampling_decoding(extracted, tiny_vae_dir, tmp_path
     threads = torch.get_num_threads()
     try:
         train.main(["--variant", "s", "--arch", "widths=32,16", "depths=2,2", "num_heads=2",
-                    "--data", str(root / "shards"), "--num-classes", "2", "--batch-size", "4", "--steps", "2",
-                    "--sample-every", "0", "--results-dir", str(tmp_path / "runs"), "--vae", str(tiny_vae_dir),
-                    "--threads", "1"])
+                    "--data", str(root / "shards"), "--num-classes", "2", "--batch-size", "4",
+                    "--steps", "2", "--sample-every", "0", "--results-dir", str(tmp_path / "runs"),
+                    "--vae", str(tiny_vae_dir), "--threads", "1"])
     finally:
         torch.set_num_threads(threads)  # train.py sets it for the whole process
     ckpt = sorted((tmp_path / "runs").glob("*/checkpoints/ckpt_*.pt"))[-1]
     model, _ = dimr.load_model(ckpt)
-    assert (model.config.in_channels, model.config.input_size, model.config.num_classes) == (4, 8, 2)
-    sample.main([str(ckpt), "--out", str(tmp_path / "s"), "--num-images", "3", "--classes", "0,1", "--seed", "5",
-                 "--steps", "3", "--vae", str(tiny_vae_dir)])
+    assert (model.config.in_channels, model.config.input_size, model.config.num_classes) \
+        == (4, 8, 2)
+    sample.main([str(ckpt), "--out", str(tmp_path / "s"), "--num-images", "3", "--classes", "0,1",
+                 "--seed", "5", "--steps", "3", "--vae", str(tiny_vae_dir)])
     with np.load(tmp_path / "s" / "samples.npz") as f:
         images, labels = f["arr_0"], f["labels"]
     assert images.shape == (3, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
@@ -344,27 +358,30 @@ def test_extraction_training_sampling_decoding(extracted, tiny_vae_dir, tmp_path
 
 
 def test_release_checkpoint_converts_and_samples_with_no_further_flags(tmp_path, tiny_vae_dir):
-    """A release-format state_dict (the authors' key names) of a tiny latent DiMR -> convert -> sample,
-    against the plain re-statement of the release's forward pass with guidance written out here."""
+    """A release-format state_dict (the authors' key names) of a tiny latent DiMR -> convert ->
+    sample, against the plain re-statement of the release's forward pass with guidance written
+    out here."""
     g = torch.Generator().manual_seed(0)
     sd = release_state_dict(in_ch=4, num_classes=3, patch=2, grid=4, blocks=(3, 3), widths=(32, 16),
                             dtype=torch.float32, generator=g)
     torch.save(sd, tmp_path / "release.pth")
     dimr.main(["convert", str(tmp_path / "release.pth"), str(tmp_path / "ours.pt"), "--heads", "2"])
-    sample.main([str(tmp_path / "ours.pt"), "--out", str(tmp_path / "s"), "--num-images", "2", "--classes", "2,0",
-                 "--seed", "11", "--steps", "3", "--vae", str(tiny_vae_dir), "--no-png"])
+    sample.main([str(tmp_path / "ours.pt"), "--out", str(tmp_path / "s"), "--num-images", "2",
+                 "--classes", "2,0", "--seed", "11", "--steps", "3", "--vae", str(tiny_vae_dir),
+                 "--no-png"])
     with np.load(tmp_path / "s" / "samples.npz") as f:
         images = f["arr_0"]
     assert images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
 
-    s, y = 0.4, torch.tensor([2, 0])                      # the release's guidance, its null class is 3
+    s, y = 0.4, torch.tensor([2, 0])  # the release's guidance, its null class is 3
 
     def eps_fn(x, n):
         eps_c = release_forward(sd, x, n, y, heads=2)[-1]
         eps_u = release_forward(sd, x, n, torch.full_like(y, 3), heads=2)[-1]
         return eps_c + s * (eps_c - eps_u)
 
-    x_T = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in (11, 12)])
+    x_T = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed))
+                       for seed in (11, 12)])
     with torch.no_grad():
         z = dpm_solver_sample(eps_fn, x_T, 3)
         x = reference_vae(tiny_vae_dir).decode(z / SCALE).sample.numpy().astype(np.float64)
@@ -373,15 +390,16 @@ def test_release_checkpoint_converts_and_samples_with_no_further_flags(tmp_path,
 
 
 @pytest.mark.parametrize("variant,pixels", [("xl", 256), ("g", 256), ("xl_3r", 512)])
-def test_latent_variants_sample_at_their_resolution_from_the_checkpoint_alone(variant, pixels, tmp_path,
-                                                                              tiny_vae_dir):
-    """The paper's latent variants with their input size, patch and classes (narrow and shallow here):
-    sample.py takes resolution, channels and decoding from the checkpoint's config."""
+def test_latent_variants_sample_at_their_resolution_from_the_checkpoint_alone(
+        variant, pixels, tmp_path, tiny_vae_dir):
+    """The paper's latent variants with their input size, patch and classes (narrow and shallow
+    here): sample.py takes resolution, channels and decoding from the checkpoint's config."""
     narrow = dict(widths=(32, 16, 8)[:len(dimr.get_config(variant).widths)], num_heads=2)
     model = dimr.DiMR(dimr.get_config(variant, depths=(1,) * len(narrow["widths"]), **narrow))
     sd = model.state_dict()
-    checkpoints.save({"config": dataclasses.asdict(model.config), "model": sd, "ema": sd}, tmp_path / "c.pt")
-    sample.main([str(tmp_path / "c.pt"), "--out", str(tmp_path / "s"), "--num-images", "1", "--steps", "3",
-                 "--vae", str(tiny_vae_dir), "--no-png"])
+    checkpoints.save({"config": dataclasses.asdict(model.config), "model": sd, "ema": sd},
+                     tmp_path / "c.pt")
+    sample.main([str(tmp_path / "c.pt"), "--out", str(tmp_path / "s"), "--num-images", "1",
+                 "--steps", "3", "--vae", str(tiny_vae_dir), "--no-png"])
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert f["arr_0"].shape == (1, pixels, pixels, 3) and f["labels"].max() < 1000

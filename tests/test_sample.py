@@ -39,7 +39,8 @@ class ZeroEps(torch.nn.Module):
 
     def __init__(self, channels=3, size=4, num_classes=5):
         super().__init__()
-        self.config = SimpleNamespace(in_channels=channels, input_size=size, num_classes=num_classes)
+        self.config = SimpleNamespace(in_channels=channels, input_size=size,
+                                      num_classes=num_classes)
 
     def forward(self, x, t, y):
         return [torch.zeros_like(x)]
@@ -58,19 +59,20 @@ def test_to_uint8_rounds_and_clips_like_the_adm_conversion():
     np.testing.assert_array_equal(grey, np.repeat(ref[:, :1].transpose(0, 2, 3, 1), 3, axis=3))
 
 
-@pytest.mark.parametrize("method,order,skip", [("singlestep", 3, "time_uniform"), ("multistep", 2, "logSNR"),
+@pytest.mark.parametrize("method,order,skip", [("singlestep", 3, "time_uniform"),
+                                               ("multistep", 2, "logSNR"),
                                                ("multistep", 3, "time_quadratic"),
                                                ("unipc", 3, "logSNR")])
 def test_generate_starts_image_i_from_seed_i(method, order, skip):
-    """With eps = 0 the probability-flow ODE maps x_T to x_T * alpha(n=1) / alpha(n=1000) exactly, and
-    every DPM-Solver and UniPC step is exact for it, so the output exposes each image's starting
-    noise."""
+    """With eps = 0 the probability-flow ODE maps x_T to x_T * alpha(n=1) / alpha(n=1000) exactly,
+    and every DPM-Solver and UniPC step is exact for it, so the output exposes each image's
+    starting noise."""
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
     alpha_bar = np.cumprod(1 - betas)
     factor = np.sqrt(alpha_bar[0]) / np.sqrt(alpha_bar[-1])
     seeds = [7, 123, 7, 2 ** 40]
-    x = sample.generate(ZeroEps(), [0, 4, 2, 1], seeds, steps=6, method=method, order=order, skip=skip,
-                        batch_size=3)
+    x = sample.generate(ZeroEps(), [0, 4, 2, 1], seeds, steps=6, method=method, order=order,
+                        skip=skip, batch_size=3)
     for i, s in enumerate(seeds):
         x_T = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s))
         torch.testing.assert_close(x[i], x_T * factor, rtol=1e-5, atol=1e-5)
@@ -78,12 +80,13 @@ def test_generate_starts_image_i_from_seed_i(method, order, skip):
 
 
 def test_ddpm_draws_each_images_step_noise_after_its_x_T():
-    """With eps = 0 a DDPM step is x_{n-1} = x_n / sqrt(1 - beta_n) + sqrt(beta~_n) z, written out here
-    image by image, z drawn from the image's own generator right after its x_T."""
+    """With eps = 0 a DDPM step is x_{n-1} = x_n / sqrt(1 - beta_n) + sqrt(beta~_n) z, written out
+    here image by image, z drawn from the image's own generator right after its x_T."""
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
     alpha_bar = np.cumprod(1 - betas)
     seeds = [5, 9, 5]
-    x = sample.generate(ZeroEps(), [0, 1, 2], seeds, method="ddpm", batch_size=2)  # image 2 in another batch
+    # image 2 in another batch
+    x = sample.generate(ZeroEps(), [0, 1, 2], seeds, method="ddpm", batch_size=2)
     for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
         ref = torch.randn(3, 4, 4, generator=g).double()
@@ -103,7 +106,8 @@ def test_generate_does_not_depend_on_the_batch_an_image_lands_in():
     part = sample.generate(model, labels[3:], seeds[3:], steps=4, batch_size=2)
     assert full.shape == (6, 1, 8, 8)
     torch.testing.assert_close(part, full[3:], rtol=0, atol=1e-5)
-    assert (full[0] - full[2]).abs().max() > 0.01  # different seeds and classes give different images
+    # different seeds and classes give different images
+    assert (full[0] - full[2]).abs().max() > 0.01
 
 
 def test_amp_dtype_runs_the_network_under_autocast():
@@ -111,7 +115,8 @@ def test_amp_dtype_runs_the_network_under_autocast():
 
     class Probe(ZeroEps):
         def forward(self, x, t, y):
-            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                        else None)
             return super().forward(x, t, y)
 
     x = sample.generate(Probe(), [0], [0], steps=3, amp_dtype=torch.bfloat16)
@@ -148,7 +153,8 @@ def test_npz_has_the_adm_layout(tmp_path):
     g = np.random.default_rng(0)
     parts = [g.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8) for n in (3, 0, 4)]
     np.save(tmp_path / "p.npy", parts[2])
-    parts[2] = np.load(tmp_path / "p.npy", mmap_mode="r")  # part files are memory-mapped in sample.py
+    # part files are memory-mapped in sample.py
+    parts[2] = np.load(tmp_path / "p.npy", mmap_mode="r")
     labels = np.array([5, 1, 0, 2, 2, 9, 3])
     sample.write_npz(tmp_path / "s.npz", parts, labels)
     with np.load(tmp_path / "s.npz") as f:
@@ -168,7 +174,8 @@ def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
     assert scale == 8  # 8x8 -> 64x64 (GRID_MIN_CELL)
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     p = sample.GRID_PAD
-    np.testing.assert_array_equal(grid[p:p + 64, p:p + 64], np.kron(images[0], np.ones((8, 8, 1), np.uint8)))
+    np.testing.assert_array_equal(grid[p:p + 64, p:p + 64],
+                                  np.kron(images[0], np.ones((8, 8, 1), np.uint8)))
     second = grid[p:p + 64, 2 * p + 64:2 * p + 128]
     assert (second == (0, 0, 255)).all()
     label_strip = grid[p + 64:p + 64 + 10, p:p + 64]
@@ -176,15 +183,17 @@ def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
 
 
 def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10, solver=None):
-    """What the CLI should write, written out: x_T from each seed's generator, the release's guidance
-    eps_c + s (eps_c - eps_u) at its default s = 0.4, the default sampler (diffusion.py, tested
-    against closed forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey channel
-    repeated."""
-    x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+    """What the CLI should write, written out: x_T from each seed's generator, the release's
+    guidance eps_c + s (eps_c - eps_u) at its default s = 0.4, the default sampler (diffusion.py,
+    tested against closed forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey
+    channel repeated."""
+    x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(seed))
+                       for seed in seeds])
     y = torch.tensor(labels)
 
     def eps_fn(x, n):
-        out = model(torch.cat([x, x]), torch.cat([n, n]), torch.cat([y, torch.full_like(y, null_class)]))[-1]
+        out = model(torch.cat([x, x]), torch.cat([n, n]),
+                    torch.cat([y, torch.full_like(y, null_class)]))[-1]
         eps_c, eps_u = out.chunk(2)
         return eps_c + s * (eps_c - eps_u)
 
@@ -197,9 +206,11 @@ def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10, solver
 def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
     raw, ema = tiny_model(0), tiny_model(1)
     ckpt = save_ckpt(tmp_path / "c.pt", raw, ema)
-    common = ["--num-images", "5", "--classes", "2,7", "--seed", "100", "--steps", "4", "--batch-size", "2"]
+    common = ["--num-images", "5", "--classes", "2,7", "--seed", "100", "--steps", "4",
+              "--batch-size", "2"]
     sample.main([str(ckpt), "--out", str(tmp_path / "ema"), *common])
-    sample.main([str(ckpt), "--out", str(tmp_path / "raw"), "--weights", "model", "--no-png", *common])
+    sample.main([str(ckpt), "--out", str(tmp_path / "raw"), "--weights", "model", "--no-png",
+                 *common])
     labels = [2, 7, 2, 7, 2]
     seeds = range(100, 105)
     with np.load(tmp_path / "ema" / "samples.npz") as f:
@@ -208,22 +219,26 @@ def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
     np.testing.assert_array_equal(lab, labels)
     np.testing.assert_array_equal(arr, hand_sampled_uint8(ema, labels, seeds, steps=4))
     for i in range(5):
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ema" / "images" / f"{i:06d}.png")), arr[i])
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "ema" / "images" / f"{i:06d}.png")), arr[i])
     assert (tmp_path / "ema" / "grid.png").is_file() and not (tmp_path / "ema" / "parts").exists()
     with np.load(tmp_path / "raw" / "samples.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(raw, labels, seeds, steps=4))
     assert not (tmp_path / "raw" / "images").exists()
-    assert sample.build_parser().parse_args([str(ckpt), "--out", "o"]).precision == "fp32"  # on every device
+    # fp32 on every device
+    assert sample.build_parser().parse_args([str(ckpt), "--out", "o"]).precision == "fp32"
 
 
 def test_method_release_is_the_releases_sampler_whatever_order_and_skip_say(tmp_path):
     ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(1))
-    sample.main([str(ckpt), "--out", str(tmp_path / "r"), "--num-images", "3", "--classes", "4", "--steps", "7",
-                 "--method", "release", "--order", "2", "--skip", "logSNR", "--no-png"])
-    solver = dict(order=3, method="singlestep", skip="time_uniform")  # tests/test_diffusion.py: the release's
+    sample.main([str(ckpt), "--out", str(tmp_path / "r"), "--num-images", "3", "--classes", "4",
+                 "--steps", "7", "--method", "release", "--order", "2", "--skip", "logSNR",
+                 "--no-png"])
+    # tests/test_diffusion.py: the release's
+    solver = dict(order=3, method="singlestep", skip="time_uniform")
     with np.load(tmp_path / "r" / "samples.npz") as f:
-        np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(tiny_model(1), [4] * 3, range(3), 7,
-                                                                     solver=solver))
+        np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(tiny_model(1), [4] * 3,
+                                                                     range(3), 7, solver=solver))
 
 
 def test_two_processes_write_the_same_npz_as_one(tmp_path):
@@ -234,7 +249,8 @@ def test_two_processes_write_the_same_npz_as_one(tmp_path):
     result = torchrun([*args, "--out", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 2 process(es)" in result.stdout
-    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+    with np.load(tmp_path / "one" / "samples.npz") as a, \
+            np.load(tmp_path / "two" / "samples.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3)
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["labels"], b["labels"])
@@ -242,9 +258,10 @@ def test_two_processes_write_the_same_npz_as_one(tmp_path):
 
 def torchrun(args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(ROOT / "sample.py"),
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                           f"--master_port={free_port()}", str(ROOT / "sample.py"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 class Killed(Exception):
@@ -275,7 +292,8 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, monkeypatch, ca
     interrupt_after(monkeypatch, 2)
     with pytest.raises(Killed):
         sample.main([*args, "--out", str(out)])
-    assert sorted(p.name for p in (out / "parts").glob("batch_*")) == ["batch_000000.npy", "batch_000001.npy"]
+    assert sorted(p.name for p in (out / "parts").glob("batch_*")) \
+        == ["batch_000000.npy", "batch_000001.npy"]
     (out / "parts" / ".batch_000002.npy.tmp999.npy").write_bytes(b"half")
     monkeypatch.undo()
     capsys.readouterr()
@@ -293,13 +311,15 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, monkeypatch, ca
         sample.main([*args, "--out", str(tmp_path / "again")])
     monkeypatch.undo()
     sample.main([*args, "--out", str(tmp_path / "again")])
-    with np.load(tmp_path / "whole" / "samples.npz") as a, np.load(tmp_path / "again" / "samples.npz") as b:
+    with np.load(tmp_path / "whole" / "samples.npz") as a, \
+            np.load(tmp_path / "again" / "samples.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path, monkeypatch):
     ckpt = save_ckpt(tmp_path / "c.pt", tiny_model(0), tiny_model(3))
-    args = [str(ckpt), "--num-images", "4", "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "o")]
+    args = [str(ckpt), "--num-images", "4", "--steps", "4", "--batch-size", "2",
+            "--out", str(tmp_path / "o")]
     interrupt_after(monkeypatch, 1)
     with pytest.raises(Killed):
         sample.main(args)
@@ -330,7 +350,8 @@ def test_bad_input_gets_one_line_errors(tmp_path):
         sample.generate(tiny_model(0), [1], [0], method="ddim")
     assert "--cfg-scale must be >= 0" in run_error([str(ckpt), "--cfg-scale", "-1", *out])
     assert "--decay-power must be > 0" in run_error([str(ckpt), "--decay-power", "0", *out])
-    for msg in (run_error([str(tmp_path / "missing.pt"), *out]), run_error([str(ckpt), "--classes", "1-x", *out])):
+    for msg in (run_error([str(tmp_path / "missing.pt"), *out]),
+                run_error([str(ckpt), "--classes", "1-x", *out])):
         assert "\n" not in msg
     with pytest.raises(ValueError, match="3 labels but 2 seeds"):
         sample.generate(tiny_model(0), [1, 2, 3], [0, 1])

@@ -23,7 +23,8 @@ def test_time_input_closed_form():
 
 
 def test_td_parameter_equals_paper_form():
-    """Paper Eq.: s = sigmoid(w t + b), gamma = s P1 + (1 - s) P2, with P1 = p0, P2 = p1, w = 1 + w'."""
+    """Paper Eq.: s = sigmoid(w t + b), gamma = s P1 + (1 - s) P2, with P1 = p0, P2 = p1,
+    w = 1 + w'."""
     td = randomise(TimeDependentParameter(6, 1.0)).double()
     t = torch.tensor([-1.0, -0.3, 0.0, 0.7, 1.0], dtype=torch.float64)
     got = td(t)
@@ -90,10 +91,13 @@ def test_td_layernorm_random_closed_form():
     t = torch.tensor([-0.5, 0.9], dtype=torch.float64)
     got = norm(x, t)
     for i in range(2):
-        g = norm.gamma.p1 + torch.sigmoid((1 + norm.gamma.w) * t[i] + norm.gamma.b) * (norm.gamma.p0 - norm.gamma.p1)
-        bt = norm.beta.p1 + torch.sigmoid((1 + norm.beta.w) * t[i] + norm.beta.b) * (norm.beta.p0 - norm.beta.p1)
+        g = norm.gamma.p1 + (torch.sigmoid((1 + norm.gamma.w) * t[i] + norm.gamma.b)
+                             * (norm.gamma.p0 - norm.gamma.p1))
+        bt = norm.beta.p1 + (torch.sigmoid((1 + norm.beta.w) * t[i] + norm.beta.b)
+                             * (norm.beta.p0 - norm.beta.p1))
         xi = x[i]
-        ln = (xi - xi.mean(-1, keepdim=True)) / torch.sqrt(xi.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        ln = (xi - xi.mean(-1, keepdim=True)) \
+            / torch.sqrt(xi.var(-1, unbiased=False, keepdim=True) + 1e-5)
         assert torch.allclose(got[i], ln * g + bt, atol=1e-12)
 
 

@@ -59,7 +59,8 @@ def max_diff(a, b):
 @pytest.mark.parametrize("norm", ["td", "ln", "adaln_zero"])
 def test_weight_decay_groups_are_the_releases(norm):
     """The release's utils.trainable_parameters: decay on every parameter but those named
-    `*.nodecay_weight` / `*.nodecay_bias`, i.e. (dimr.OFFICIAL_KEYS) the TD slopes and offsets w, b."""
+    `*.nodecay_weight` / `*.nodecay_bias`, i.e. (dimr.OFFICIAL_KEYS) the TD slopes and offsets
+    w, b."""
     model = dimr.DiMR(dimr.get_config("s", widths=(32, 16), depths=(3, 2), num_heads=2, norm=norm))
     decay, no_decay = train.param_groups(model, 0.03)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -95,7 +96,8 @@ def test_learning_rate_warmup():
 # Training semantics: EMA, the global batch's rows and draws, class dropout, flips
 
 def test_ema_after_k_steps_is_the_closed_form():
-    """ema_k = d^k ema_0 + sum_i (1 - d) d^(k - i) theta_i for the model weights theta_1..theta_k."""
+    """ema_k = d^k ema_0 + sum_i (1 - d) d^(k - i) theta_i for the model weights
+    theta_1..theta_k."""
     d, k = 0.9, 5
     ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in ema.parameters()]
@@ -106,7 +108,8 @@ def test_ema_after_k_steps_is_the_closed_form():
                 p.copy_(v)
         train.ema_update(ema, model, d)
     for j, p in enumerate(ema.parameters()):
-        expected = d ** k * start[j] + sum((1 - d) * d ** (k - i) * thetas[i - 1][j] for i in range(1, k + 1))
+        expected = d ** k * start[j] + sum((1 - d) * d ** (k - i) * thetas[i - 1][j]
+                                           for i in range(1, k + 1))
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
@@ -121,7 +124,8 @@ def batches_of(data, G, micro, steps, world=1, rank=0, monkeypatch=None, dropout
     if monkeypatch:
         monkeypatch.setattr(train.distributed, "world_size", lambda: world)
         monkeypatch.setattr(train.distributed, "rank", lambda: rank)
-    loader = train.GlobalBatches(data, G, micro, start, torch.Generator().manual_seed(5), dropout, seed=3, workers=0)
+    loader = train.GlobalBatches(data, G, micro, start, torch.Generator().manual_seed(5), dropout,
+                                 seed=3, workers=0)
     return [next(loader) for _ in range(steps)]
 
 
@@ -130,20 +134,23 @@ def cat_rows(step):
 
 
 def test_each_process_gets_its_rows_of_the_global_batch(monkeypatch):
-    """Process p of 2 (micro-batches of 2) gets rows [4p, 4p + 4) of what one process gets with the
-    whole batch of 8: images, labels, steps n, noise and dropout; every epoch visits each image once."""
+    """Process p of 2 (micro-batches of 2) gets rows [4p, 4p + 4) of what one process gets with
+    the whole batch of 8: images, labels, steps n, noise and dropout; every epoch visits each
+    image once."""
     data = patterned_data()
     whole = batches_of(data, 8, 8, 10, monkeypatch=monkeypatch)
     parts = [batches_of(data, 8, 2, 10, 2, r, monkeypatch) for r in (0, 1)]
     for s in range(10):
         assert len(parts[0][s]) == 2
-        for field_whole, field_0, field_1 in zip(cat_rows(whole[s]), cat_rows(parts[0][s]), cat_rows(parts[1][s])):
+        for field_whole, field_0, field_1 in zip(cat_rows(whole[s]), cat_rows(parts[0][s]),
+                                                 cat_rows(parts[1][s])):
             assert torch.equal(torch.cat([field_0, field_1]), field_whole)
     seen = torch.cat([b.x0[:, 0, 0, 0] for step in whole[:5] for b in step]).round()
     assert sorted(seen.tolist()) == list(range(40))       # 5 steps of 8 = one epoch, a permutation
     resumed = batches_of(data, 8, 8, 3, monkeypatch=monkeypatch, start=7)
     for a, b in zip(resumed, whole[7:]):
-        # a restarted loader finds the same images (its draws come from the generator, restored apart)
+        # a restarted loader finds the same images (its draws come from the generator, restored
+        # apart)
         assert torch.equal(a[0].x0[:, 0, 0, 0].round(), b[0].x0[:, 0, 0, 0].round())
 
 
@@ -159,7 +166,8 @@ def test_flips_go_along_the_width_only_for_data_that_has_flips():
             flipped += is_flipped
     assert abs(flipped - 100) < 4 * 10  # 200 draws of p = 1/2: within 4 standard deviations
     unflipped = [b for step in batches_of(patterned_data(flip=False), 8, 8, 5) for b in step]
-    assert all(torch.allclose(x - x[0, 0, 0].round(), ramp, atol=1e-4) for b in unflipped for x in b.x0)
+    assert all(torch.allclose(x - x[0, 0, 0].round(), ramp, atol=1e-4)
+               for b in unflipped for x in b.x0)
 
 
 def test_class_dropout_rate_and_the_null_class(monkeypatch):
@@ -168,21 +176,24 @@ def test_class_dropout_rate_and_the_null_class(monkeypatch):
     n = len(drop)                                          # 4000 Bernoulli(0.1) draws
     assert abs(drop.float().sum().item() - 0.1 * n) < 4 * math.sqrt(n * 0.1 * 0.9)
     n_steps = torch.cat([b.n for b in rows])
-    assert n_steps.min() >= 1 and n_steps.max() <= 1000 and abs(n_steps.float().mean().item() - 500.5) < 20
+    assert n_steps.min() >= 1 and n_steps.max() <= 1000 \
+        and abs(n_steps.float().mean().item() - 500.5) < 20
 
-    model = dimr.DiMR(dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2, input_size=4))
+    model = dimr.DiMR(dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2,
+                                      input_size=4))
     seen = []
 
     def net(x, n, y):
         seen.append(y.clone())
         return model(x, n, y)
 
-    batch = train.Batch(torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 3, 4, 5]), torch.full((6,), 500),
-                        torch.randn(6, 1, 4, 4), torch.tensor([True, False, True, False, False, True]))
+    batch = train.Batch(torch.randn(6, 1, 4, 4), torch.tensor([0, 1, 2, 3, 4, 5]),
+                        torch.full((6,), 500), torch.randn(6, 1, 4, 4),
+                        torch.tensor([True, False, True, False, False, True]))
     optimizer = torch.optim.AdamW(model.parameters())
     cfg = replace(train.DEMO, grad_clip=None)
-    state = train.TrainState(model, copy.deepcopy(model), optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                             torch.Generator())
+    state = train.TrainState(model, copy.deepcopy(model), optimizer,
+                             torch.amp.GradScaler("cpu", enabled=False), torch.Generator())
     train.train_step(net, state, [batch], diffusion.DiscreteSchedule(), cfg, None)
     assert seen[0].tolist() == [10, 1, 10, 3, 4, 10]       # dropped labels are the null class 10
 
@@ -197,7 +208,8 @@ def torchrun(tmp_path, *argv):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(TRAIN_PY), *TINY, *QUIET,
            "--results-dir", str(results), *argv]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     created = set(results.glob("*")) - before
     return (created.pop() if created else Path(argv[argv.index("--resume") + 1])), proc.stdout
@@ -226,7 +238,7 @@ def test_ddp_accumulation_and_resume_equal_one_process(tmp_path):
     ref = last_checkpoint(single)
     torch.manual_seed(0)
     init = dimr.DiMR(dimr.config_from_dict(ref["config"])).state_dict()  # train.py's initialisation
-    assert max_diff(ref["model"], init) > 1e-3        # the runs moved far beyond the tolerance below
+    assert max_diff(ref["model"], init) > 1e-3  # the runs moved far beyond the tolerance below
     for run_dir in (accumulated, ddp, ddp_resumed, one_then_two):
         ckpt = last_checkpoint(run_dir)
         assert ckpt["step"] == 6
@@ -261,15 +273,17 @@ def test_fid_during_training_on_two_processes(tmp_path, monkeypatch):
     import fid
     import sample
     inception = fid.load_inception()
-    real = np.repeat(np.clip(load_digits().images[:10] * 16, 0, 255).astype(np.uint8)[..., None], 3, -1)
+    real = np.repeat(np.clip(load_digits().images[:10] * 16, 0, 255).astype(np.uint8)[..., None],
+                     3, -1)
     ref = fid.feature_statistics(fid.inception_features(real, inception))
     fid.save_statistics(tmp_path / "ref.npz", *ref)
-    argv = [*TINY, *QUIET, "--results-dir", str(tmp_path / "runs"), "--steps", "4", *COMMON, "--log-every", "2",
-            "--ckpt-every", "2", "--keep", "2", "--fid-every", "2", "--fid-ref", str(tmp_path / "ref.npz"),
-            "--fid-images", "5", "--sample-steps", "3"]
+    argv = [*TINY, *QUIET, "--results-dir", str(tmp_path / "runs"), "--steps", "4", *COMMON,
+            "--log-every", "2", "--ckpt-every", "2", "--keep", "2", "--fid-every", "2",
+            "--fid-ref", str(tmp_path / "ref.npz"), "--fid-images", "5", "--sample-steps", "3"]
     torch.multiprocessing.spawn(fid_worker, args=(argv, free_port()), nprocs=2)
     run_dir = next((tmp_path / "runs").iterdir())
-    logged = {s["step"]: s["fid"] for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())
+    logged = {s["step"]: s["fid"]
+              for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())
               if "fid" in s}
     assert set(logged) == {2, 4}
     for step in (2, 4):
@@ -277,7 +291,8 @@ def test_fid_during_training_on_two_processes(tmp_path, monkeypatch):
         ema = dimr.DiMR(dimr.config_from_dict(ckpt["config"]))
         ema.load_state_dict(ckpt["ema"])
         labels = np.arange(5) * 10 // 5                       # 'even' classes over the 10 digits
-        x = sample.generate(ema.eval(), labels, train.FID_SEED + np.arange(5), steps=3, cfg_scale=0.0)
+        x = sample.generate(ema.eval(), labels, train.FID_SEED + np.arange(5), steps=3,
+                            cfg_scale=0.0)
         features = fid.inception_features(sample.to_uint8(x), inception)
         expected = moments_distance(*fid.feature_statistics(features), *ref)
         assert logged[step] == pytest.approx(expected, rel=1e-4)
@@ -292,8 +307,10 @@ def test_the_best_fid_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "compute_fid", lambda *args: next(values))
     run_dir = run(tmp_path, "--steps", "8", "--log-every", "2", "--ckpt-every", "2", "--keep", "1",
                   "--fid-every", "2", "--fid-ref", "unused.npz")
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt_0000004.pt", "ckpt_0000008.pt"]
-    fids = [(s["step"], s["fid"]) for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) \
+        == ["ckpt_0000004.pt", "ckpt_0000008.pt"]
+    fids = [(s["step"], s["fid"])
+            for s in map(json.loads, (run_dir / "stats.jsonl").read_text().splitlines())
             if "fid" in s]
     assert fids == [(2, 5.0), (4, 3.0), (6, 4.0), (8, 6.0)]
     assert "best FID-10000: 3.0000 at step 4" in capsys.readouterr().out
@@ -353,7 +370,8 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
     message = str(e.value.code)
     assert message.startswith("error: non-finite loss at step 3; last good checkpoint: ")
     path = Path(message.split(": ")[-1])
-    assert path.name == "ckpt_0000002.pt" and [p.name for p in path.parent.iterdir()] == ["ckpt_0000002.pt"]
+    assert path.name == "ckpt_0000002.pt" \
+        and [p.name for p in path.parent.iterdir()] == ["ckpt_0000002.pt"]
     ckpt = checkpoints.load(path)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -366,13 +384,15 @@ def error_of(argv):
 
 def test_clear_errors(tmp_path):
     run_dir = run(tmp_path, "--steps", "1")
-    assert error_of(["--resume", str(tmp_path / "nope")]).startswith("error: --resume") and "no such run" in \
-        error_of(["--resume", str(tmp_path / "nope")])
-    assert re.fullmatch(r"error: --variant DiMR-M/3R differs from the run's DiMR-S/2R \(.*ckpt_0000001.pt\); "
+    assert error_of(["--resume", str(tmp_path / "nope")]).startswith("error: --resume") \
+        and "no such run" in error_of(["--resume", str(tmp_path / "nope")])
+    assert re.fullmatch(r"error: --variant DiMR-M/3R differs from the run's DiMR-S/2R "
+                        r"\(.*ckpt_0000001.pt\); "
                         r"a resumed run keeps the options it was started with",
                         error_of(["--resume", str(run_dir), "--variant", "m"]))
     demo_lr = train.RECIPES["DiMR-S/2R"].lr
-    assert f"error: --lr 0.1 differs from the run's {demo_lr}" in error_of(["--resume", str(run_dir), "--lr", "0.1"])
+    assert f"error: --lr 0.1 differs from the run's {demo_lr}" \
+        in error_of(["--resume", str(run_dir), "--lr", "0.1"])
     ckpt = run_dir / "checkpoints" / "ckpt_0000001.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])           # truncated
     assert error_of(["--resume", str(run_dir)]).startswith(f"error: cannot read checkpoint {ckpt}")
@@ -387,8 +407,10 @@ def test_clear_errors(tmp_path):
         f"error: no images (.png, .jpg, .jpeg, .bmp, .webp) in {tmp_path / 'imgs'}")
     assert error_of(["--variant", "m"]).startswith("error: DiMR-M/3R trains on ImageNet 64x64")
     assert error_of(["--batch-size", "10", "--micro-batch", "4"]) == \
-        "error: --batch-size 10 over 1 processes is 10 per process, not a multiple of --micro-batch 4"
-    assert error_of(["--arch", "widths=a,b"]) == "error: --arch widths=a,b: widths must be integers a,b,..."
+        "error: --batch-size 10 over 1 processes is 10 per process, not a multiple of " \
+        "--micro-batch 4"
+    assert error_of(["--arch", "widths=a,b"]) \
+        == "error: --arch widths=a,b: widths must be integers a,b,..."
     assert error_of(["--ema", "1.5"]) == "error: --ema must be below 1, got 1.5"
 
 
@@ -422,12 +444,10 @@ def test_mixed_precision_steps_lower_the_loss(tmp_path, precision):
     of the weights after 40 steps is well below that of the initial weights."""
     run_dir = run(tmp_path, "--steps", "40", "--warmup", "5", "--precision", precision)
     ckpt = last_checkpoint(run_dir)
-    cfg = dimr.config_from_dict(ckpt["config"])
-    torch.manual_seed(0)
-    start = eval_loss(dimr.DiMR(cfg).state_dict(), cfg, *digits_eval_batch())
-    end = eval_loss(ckpt["model"], cfg, *digits_eval_batch())
+    start, end = losses_at_start_and_end(ckpt)
     assert end < 0.7 * start, (start, end)
-    assert (ckpt["scaler"] != {}) == (precision == "fp16")  # the scaler's state is saved when it is used
+    # the scaler's state is saved when it is used
+    assert (ckpt["scaler"] != {}) == (precision == "fp16")
 
 
 def test_compile_runs_a_training_step(tmp_path, monkeypatch):
@@ -447,7 +467,8 @@ def test_the_model_has_no_graph_breaks():
     model = dimr.DiMR(dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2))
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 900.0]), torch.tensor([1, 10])
     explanation = torch._dynamo.explain(model)(x, t, y)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, \
+        explanation.break_reasons
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,27 +485,35 @@ def eval_loss(state_dict, cfg, x0, y, n, eps):
         return torch.mean((model(x_n, n.float(), y)[-1] - eps) ** 2).item()
 
 
-def test_short_demo_lowers_the_loss(tmp_path, capsys):
-    run_dir = run(tmp_path, "--steps", "60", "--warmup", "10", "--log-every", "10", "--sample-every", "30",
-                  "--eval-per-class", "1")
-    out = capsys.readouterr().out
-    assert re.search(r"class accuracy of 10 EMA samples \(1 per class, 10 sampler steps, guidance scale 2, "
-                     r"i\.e\. cfg-scale s = 1\) by an SVM of the real digits: \d+\.\d%", out)
-    assert {p.name for p in (run_dir / "samples").iterdir()} == {"step_0000030.png", "step_0000060.png",
-                                                                  "final_0000060.png"}
-    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["train_config"]["lr"] == train.RECIPES["DiMR-S/2R"].lr and config["model"]["widths"] == [32, 16]
-    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in stats] == [10, 20, 30, 40, 50, 60]
-    assert set(stats[0]) >= {"loss", "loss_branches", "lr", "grad_norm", "images_per_s", "s_per_step"}
-    evaluation = json.loads((run_dir / "eval.json").read_text())
-    assert evaluation["samples"] == 10 and evaluation["cfg_scale"] == 1.0
-
-    # Measured independently of the logs: the trained weights predict the noise better than the start.
-    ckpt = last_checkpoint(run_dir)
+def losses_at_start_and_end(ckpt):
+    """eval_loss on the digits batch of train.py's initial weights (seed 0) and of `ckpt`'s."""
     cfg = dimr.config_from_dict(ckpt["config"])
     torch.manual_seed(0)
     start = eval_loss(dimr.DiMR(cfg).state_dict(), cfg, *digits_eval_batch())
-    end = eval_loss(ckpt["model"], cfg, *digits_eval_batch())
+    return start, eval_loss(ckpt["model"], cfg, *digits_eval_batch())
+
+
+def test_short_demo_lowers_the_loss(tmp_path, capsys):
+    run_dir = run(tmp_path, "--steps", "60", "--warmup", "10", "--log-every", "10",
+                  "--sample-every", "30", "--eval-per-class", "1")
+    out = capsys.readouterr().out
+    assert re.search(r"class accuracy of 10 EMA samples \(1 per class, 10 sampler steps, "
+                     r"guidance scale 2, i\.e\. cfg-scale s = 1\) by an SVM of the real digits: "
+                     r"\d+\.\d%", out)
+    assert {p.name for p in (run_dir / "samples").iterdir()} \
+        == {"step_0000030.png", "step_0000060.png", "final_0000060.png"}
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train_config"]["lr"] == train.RECIPES["DiMR-S/2R"].lr \
+        and config["model"]["widths"] == [32, 16]
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [10, 20, 30, 40, 50, 60]
+    assert set(stats[0]) >= {"loss", "loss_branches", "lr", "grad_norm", "images_per_s",
+                             "s_per_step"}
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["samples"] == 10 and evaluation["cfg_scale"] == 1.0
+
+    # Measured independently of the logs: the trained weights predict the noise better than the
+    # start.
+    start, end = losses_at_start_and_end(last_checkpoint(run_dir))
     assert end < 0.6 * start, (start, end)

@@ -1,4 +1,5 @@
-"""Helpers shared by several test files (imported as `from util import ...`: tests/ is on sys.path)."""
+"""Helpers shared by several test files (imported as `from util import ...`: tests/ is on
+sys.path)."""
 import socket
 
 import torch
