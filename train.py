@@ -119,7 +119,7 @@ class TrainConfig:
 PAPER = TrainConfig()
 # The digits demo: DiMR-S/2R on the CPU (README, "The digits demo", says why it departs from PAPER).
 DEMO = replace(PAPER, variant="DiMR-S/2R", data="digits", batch_size=64, lr=3e-3, betas=(0.9, 0.99),
-               warmup=100, ema=0.99, steps=1200, minutes=4.5, grad_checkpointing=False,
+               warmup=100, ema=0.993, steps=1200, minutes=4.5, grad_checkpointing=False,
                ckpt_every=400, sample_every=400, cfg_scale=1.0)
 RECIPES = {
     "DiMR-XL/2R": PAPER,
