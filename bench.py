@@ -20,12 +20,10 @@ maximum resident set so far (it never goes down, so later rows include earlier o
 One markdown table row per configuration: every combination of --batch and --precision.
 """
 import argparse
-import copy
 import dataclasses
 import os
 import resource
 import time
-import types
 
 import torch
 
@@ -71,7 +69,7 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def synthetic_batch(cfg, batch, device, generator):
+def synthetic_batch(cfg, batch, device, generator, class_dropout):
     """One micro-batch of the model's input shape, drawn as GlobalBatches draws its noise."""
     shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)
     return train.Batch(
@@ -80,19 +78,7 @@ def synthetic_batch(cfg, batch, device, generator):
         n=torch.randint(1, diffusion.NUM_TIMESTEPS + 1, (batch,), generator=generator,
                         device=device),
         eps=torch.randn(shape, generator=generator, device=device),
-        drop=torch.rand(batch, generator=generator, device=device) < 0.1)
-
-
-def build_state(model_cfg, recipe, device, precision, seed):
-    """Model, EMA, AdamW (fused on CUDA) and scaler as train.setup builds them."""
-    torch.manual_seed(seed)
-    model = dimr.DiMR(model_cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(train.param_groups(model, recipe.weight_decay), lr=recipe.lr,
-                                  betas=recipe.betas, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return train.TrainState(model, ema, optimizer, scaler,
-                            torch.Generator(device).manual_seed(seed))
+        drop=torch.rand(batch, generator=generator, device=device) < class_dropout)
 
 
 def time_training(net, state, batch, recipe, amp_dtype, warmup, steps, device):
@@ -130,13 +116,14 @@ def measure(args, model_cfg, recipe, macs, device, batch, precision):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    state = build_state(model_cfg, recipe, device, precision, args.seed)
+    state = train.new_state(model_cfg, dataclasses.replace(recipe, seed=args.seed), device,
+                            precision)
     state.model.set_grad_checkpointing(args.grad_checkpointing)
     net = torch.compile(state.model) if args.compile else state.model
     amp_dtype = sample.PRECISIONS[precision]
     g = torch.Generator(device).manual_seed(args.seed)
-    step_s = time_training(net, state, synthetic_batch(model_cfg, batch, device, g), recipe,
-                           amp_dtype, args.warmup, args.steps, device)
+    x = synthetic_batch(model_cfg, batch, device, g, recipe.class_dropout)
+    step_s = time_training(net, state, x, recipe, amp_dtype, args.warmup, args.steps, device)
     train_ips = batch / step_s
     flops = training_flops_per_image(macs, args.grad_checkpointing)
     tflops = flops * train_ips / 1e12
@@ -162,14 +149,6 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
     return f"CPU, {threads} thread" + "s" * (threads > 1)
-
-
-def model_config(variant, arch):
-    """The variant with --arch overrides, parsed as train.py parses them."""
-    base = dimr.get_config(variant)
-    data = types.SimpleNamespace(image_size=base.input_size, channels=base.in_channels,
-                                 num_classes=base.num_classes)
-    return train.model_config(dataclasses.replace(train.PAPER, variant=variant, arch=arch), data)
 
 
 def build_parser():
@@ -221,7 +200,7 @@ def run(args):
     if device.type == "cuda":  # as train.py: TF32 matmuls for the fp32 parts
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = dimr.ALIASES.get(args.variant, args.variant)
-    model_cfg = model_config(name, tuple(args.arch))
+    model_cfg = dimr.get_config(name, **train.parse_arch(args.arch))
     recipe = train.RECIPES[name]
     macs = sum(row[2] for row in dimr.count(model_cfg))
     forwards = forward_passes_per_training_image(args.grad_checkpointing)
@@ -229,12 +208,11 @@ def run(args):
           f"a training image = 2 FLOPs/MAC x {forwards} forward passes (README, cost estimate)",
           flush=True)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
-    auto = "bf16" if device.type == "cuda" else "fp32"
     for precision in args.precision:
         for batch in args.batch:
             try:
                 row = measure(args, model_cfg, recipe, macs, device, batch,
-                              auto if precision == "auto" else precision)
+                              train.resolve_precision(precision, device))
             except torch.OutOfMemoryError:
                 row = (label(args), device_name(device), precision, batch, "", "",
                        "out of memory", *[""] * 5)

@@ -16,7 +16,6 @@ and becomes uint8 through sample.to_uint8, exactly as the samples do.
 """
 
 import argparse
-import functools
 import json
 import math
 from pathlib import Path
@@ -185,15 +184,11 @@ def plot_loss(stats, path, width=720, height=360):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    score = sub.add_parser("fid", help="FID against the real digits and class accuracy")
+    score = sub.add_parser("fid", parents=[fid.common_options()],
+                           help="FID against the real digits and class accuracy")
     score.add_argument("samples", help="sample.py .npz: arr_0 uint8 [N, H, W, 3], labels [N]")
     score.add_argument("--ref", help="reference: a stats .npz (fid.py ref) or an image .npz "
                                      "(default: the real digits)")
-    score.add_argument("--preprocessing", choices=fid.PREPROCESSING, default="tf",
-                       help="as fid.py's (default tf, the TF graph's)")
-    score.add_argument("--batch-size", type=int, default=50, help="Inception batch (default 50)")
-    score.add_argument("--device", default=None, help="torch device (default cuda if available)")
-    score.add_argument("--weights", default=None, help="Inception weights, as fid.py's")
     batch = sub.add_parser("ref-batch", help="write the real digits as an ADM reference batch")
     batch.add_argument("-o", "--output", required=True, type=Path, help=".npz to write")
     args = parser.parse_args(argv)
@@ -207,8 +202,7 @@ def run(args):
         return
     images, labels = _samples_npz(args.samples)
     result = digit_class_accuracy(images, labels)
-    device = fid.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = functools.cache(lambda: fid.load_inception(args.weights, device))
+    model = fid.inception_model(args)
     if args.ref:
         mu_ref, sigma_ref = fid.statistics_of(args.ref, model, args.batch_size, args.preprocessing)
     else:

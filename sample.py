@@ -21,7 +21,6 @@ evaluation suite's layout) and labels int64 [N].
 import argparse
 import json
 import math
-import sys
 import zipfile
 from pathlib import Path
 
@@ -77,6 +76,15 @@ def check_labels(labels, num_classes):
     return labels
 
 
+def solver_settings(method, steps, order=None, skip=None, variant=None, lower_order_final=None):
+    """The dpm_solver_sample settings of a run: the release's, or those given over the
+    default's."""
+    if method == "release":
+        return RELEASE_SAMPLER
+    return sampler_settings(steps, order=order, method=method, skip=skip, variant=variant,
+                            lower_order_final=lower_order_final)
+
+
 @torch.no_grad()
 def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE,
              decay_power=None, order=None, method=DEFAULT_SAMPLER["method"], skip=None,
@@ -100,8 +108,7 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if method not in SAMPLERS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
-    solver = RELEASE_SAMPLER if method == "release" else dict(
-        order=order, method=method, skip=skip, variant=variant, lower_order_final=lower_order_final)
+    solver = solver_settings(method, steps, order, skip, variant, lower_order_final)
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
@@ -287,19 +294,16 @@ def build_parser():
     return p
 
 
-def solver_settings(args):
-    """The dpm_solver_sample settings of a run: the release's, or the flags over the default's."""
-    if args.method == "release":
-        return RELEASE_SAMPLER
-    return sampler_settings(args.steps, order=args.order, method=args.method, skip=args.skip,
-                            variant=args.variant, lower_order_final=args.lower_order_final)
+def args_solver(args):
+    return solver_settings(args.method, args.steps, args.order, args.skip, args.variant,
+                           args.lower_order_final)
 
 
 def check_args(args):
     problems = [f"{flag} must be >= {lo}, got {v}" for flag, v, lo in
                 (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
                  ("--steps", args.steps,
-                  1 if args.method == "ddpm" else solver_settings(args)["order"]),
+                  1 if args.method == "ddpm" else args_solver(args)["order"]),
                  ("--seed", args.seed, 0), ("--cfg-scale", args.cfg_scale, 0))
                 if v < lo]
     if args.decay_power is not None and args.decay_power <= 0:
@@ -347,7 +351,7 @@ def run(args):
     out = Path(args.out)
     sampler = ("DDPM, 1000 ancestral steps" if args.method == "ddpm" else
                f"{args.steps} steps of " + ("the release's sampler" if args.method == "release" else
-                                            diffusion.sampler_name(solver_settings(args))))
+                                            diffusion.sampler_name(args_solver(args))))
     distributed.print0(f"sampling {args.num_images} images of "
                        f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
                        f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} "

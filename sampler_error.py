@@ -16,11 +16,11 @@ sampler's x at n = 1 and the ODE's solution from the same x_T, per number of mod
   far that reference moved from half as many (it must be well below the errors it measures).
 """
 import argparse
-import sys
 
 import torch
 
 import dimr
+import distributed
 from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHODS, NUM_TIMESTEPS,
                        ORDERS, RELEASE_SAMPLER, SPACINGS, VARIANTS, DiscreteSchedule,
                        dpm_solver_sample, guided_eps_fn, sampler_name)
@@ -115,34 +115,35 @@ def main(argv=None):
     c.add_argument("--reference-steps", type=int, default=1000,
                    help="evaluations of the default sampler for the converged solution")
     args = p.parse_args(argv)
-    try:
-        if min(args.evals) < max(ORDERS):
-            raise ValueError(f"every --evals must be >= {max(ORDERS)}")
-        every = [dict(method=m, order=o, skip=s, variant=v, lower_order_final=False)
-                 for m in METHODS for o in ORDERS for s in SPACINGS
-                 for v in (VARIANTS if m == "unipc" else VARIANTS[:1])]
-        rows = [ROWS[key] for key in args.rows] + [(sampler_name(x), x) for x in every] * args.all
-        print(f"release = {sampler_name(RELEASE_SAMPLER)}; default = "
-              f"{sampler_name(DEFAULT_SAMPLER)}, below {FEW_STEPS} evaluations "
-              f"{sampler_name(FEW_STEPS_SAMPLER)}")
-        if args.command == "gaussian":
-            mu, s, x_T = gaussian_problem(args.spectrum, args.side, args.batch, args.seed)
-            eps_fn, solution = gaussian_solution(mu, s, x_T)
-        else:
-            model, _ = dimr.load_model(args.checkpoint)
-            cfg = model.config
-            y = torch.arange(args.num_images) % cfg.num_classes
-            g = torch.Generator().manual_seed(args.seed)
-            x_T = torch.randn(args.num_images, cfg.in_channels, cfg.input_size, cfg.input_size,
-                              generator=g)
-            eps_fn = torch.no_grad()(guided_eps_fn(model, y, args.cfg_scale, cfg.num_classes))
-            solution = dpm_solver_sample(eps_fn, x_T, args.reference_steps)
-            half = dpm_solver_sample(eps_fn, x_T, args.reference_steps // 2)
-            print(f"reference: default sampler at {args.reference_steps} evaluations; RMS change "
-                  f"from {args.reference_steps // 2}: {rms(solution, half):.1e}")
-        print_table(rows, args.evals, eps_fn, x_T, solution)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    distributed.run_main(lambda: run(args))
+
+
+def run(args):
+    if min(args.evals) < max(ORDERS):
+        raise ValueError(f"every --evals must be >= {max(ORDERS)}")
+    every = [dict(method=m, order=o, skip=s, variant=v, lower_order_final=False)
+             for m in METHODS for o in ORDERS for s in SPACINGS
+             for v in (VARIANTS if m == "unipc" else VARIANTS[:1])]
+    rows = [ROWS[key] for key in args.rows] + [(sampler_name(x), x) for x in every] * args.all
+    print(f"release = {sampler_name(RELEASE_SAMPLER)}; default = "
+          f"{sampler_name(DEFAULT_SAMPLER)}, below {FEW_STEPS} evaluations "
+          f"{sampler_name(FEW_STEPS_SAMPLER)}")
+    if args.command == "gaussian":
+        mu, s, x_T = gaussian_problem(args.spectrum, args.side, args.batch, args.seed)
+        eps_fn, solution = gaussian_solution(mu, s, x_T)
+    else:
+        model, _ = dimr.load_model(args.checkpoint)
+        cfg = model.config
+        y = torch.arange(args.num_images) % cfg.num_classes
+        g = torch.Generator().manual_seed(args.seed)
+        x_T = torch.randn(args.num_images, cfg.in_channels, cfg.input_size, cfg.input_size,
+                          generator=g)
+        eps_fn = torch.no_grad()(guided_eps_fn(model, y, args.cfg_scale, cfg.num_classes))
+        solution = dpm_solver_sample(eps_fn, x_T, args.reference_steps)
+        half = dpm_solver_sample(eps_fn, x_T, args.reference_steps // 2)
+        print(f"reference: default sampler at {args.reference_steps} evaluations; RMS change "
+              f"from {args.reference_steps // 2}: {rms(solution, half):.1e}")
+    print_table(rows, args.evals, eps_fn, x_T, solution)
 
 
 if __name__ == "__main__":

@@ -246,11 +246,11 @@ def check_config(c):
         raise ValueError("; ".join(problems))
 
 
-def model_config(cfg, data):
-    """The variant's config with the --arch overrides and the data's size, channels, classes."""
+def parse_arch(items):
+    """--arch KEY=VALUE items -> DiMRConfig overrides {key: value}."""
     types_ = {f.name: f.type for f in dataclasses.fields(dimr.DiMRConfig)}
     arch = {}
-    for item in cfg.arch:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in ARCH_KEYS:
             raise ValueError(f"--arch {item}: expected KEY=VALUE with KEY one of "
@@ -261,7 +261,12 @@ def model_config(cfg, data):
         except ValueError:
             kind = "integers a,b,..." if types_[key] is tuple else types_[key].__name__
             raise ValueError(f"--arch {item}: {key} must be {kind}") from None
-    return dimr.get_config(cfg.variant, **arch, input_size=data.image_size,
+    return arch
+
+
+def model_config(cfg, data):
+    """The variant's config with the --arch overrides and the data's size, channels, classes."""
+    return dimr.get_config(cfg.variant, **parse_arch(cfg.arch), input_size=data.image_size,
                            in_channels=data.channels, num_classes=data.num_classes)
 
 
@@ -604,6 +609,25 @@ def idle_cores(seconds=0.5):
     return max(1, min(cores, round(idle)))
 
 
+def resolve_precision(precision, device):
+    """--precision: 'auto' is bf16 on CUDA, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def new_state(model_cfg, cfg, device, precision):
+    """A fresh model (the same initial weights on every process), its EMA, AdamW (fused on
+    CUDA), the fp16 gradient scaler and the data generator."""
+    torch.manual_seed(cfg.seed)
+    model = dimr.DiMR(model_cfg).to(device)
+    return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
+                      torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                        betas=cfg.betas, fused=device.type == "cuda"),
+                      torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                      torch.Generator(device).manual_seed(cfg.seed))
+
+
 def setup(cfg, ckpt, ckpt_path):
     """Device, data, model, optimizer and what a checkpoint restores; rank 0 opens the folder."""
     device = distributed.init()
@@ -611,8 +635,7 @@ def setup(cfg, ckpt, ckpt_path):
         torch.set_num_threads(cfg.threads or idle_cores())
     if device.type == "cuda":  # TF32 matmuls for the fp32 parts, as DiT
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    auto = "bf16" if device.type == "cuda" else "fp32"
-    precision = auto if cfg.precision == "auto" else cfg.precision
+    precision = resolve_precision(cfg.precision, device)
     variant = dimr.get_config(cfg.variant)
     data = data_lib.open_data(cfg.data, cfg.image_size, cfg.num_classes, variant.input_size,
                               variant.num_classes)
@@ -621,13 +644,8 @@ def setup(cfg, ckpt, ckpt_path):
         raise ValueError(f"{ckpt_path} holds a model {dimr.config_from_dict(ckpt['config'])}, but "
                          f"the options and data give {model_cfg}")
     micro, accum = split_batch(cfg.batch_size, distributed.world_size(), cfg.micro_batch)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    model = dimr.DiMR(model_cfg).to(device)
-    state = TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
-                       torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                         betas=cfg.betas, fused=device.type == "cuda"),
-                       torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                       torch.Generator(device).manual_seed(cfg.seed))
+    state = new_state(model_cfg, cfg, device, precision)
+    model = state.model
     if ckpt is not None:
         state.load_state_dict(ckpt, str(ckpt_path))
         if state.step >= cfg.steps:
@@ -683,7 +701,7 @@ def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
     if run.folder:
         if fid_due:
             run.folder.log_fid(step, fid_value)
-        if step % cfg.ckpt_every == 0 or preempted or finished or fid_due:
+        if step % cfg.ckpt_every == 0 or preempted or finished:
             run.last_ckpt = run.folder.save(run.state, run.model_cfg)
         if cfg.sample_every and step % cfg.sample_every == 0:
             path = run.folder.dir / "samples" / f"step_{step:07d}.png"
