@@ -851,7 +851,7 @@ def check_device(name):
 
 def common_options():
     """The options of every command here and of `demo.py fid`: batch, device, preprocessing,
-    weights (read by inception_model)."""
+    weights and their download folder (inception_model reads device, weights and folder)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--batch-size", type=int, default=50,
                         help="images per Inception forward pass and process (default 50)")

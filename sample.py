@@ -295,6 +295,7 @@ def build_parser():
 
 
 def args_solver(args):
+    """solver_settings of the command-line flags."""
     return solver_settings(args.method, args.steps, args.order, args.skip, args.variant,
                            args.lower_order_final)
 
