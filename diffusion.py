@@ -1,18 +1,20 @@
-"""Everything between the DiMR network and an image: schedule, multi-scale loss, guidance, sampler.
+"""Everything between the DiMR network and an image: schedule, multi-scale loss, guidance, samplers.
 
 Paper: Liu et al., "Alleviating Distortion in Image Generation via Multi-Resolution Diffusion
 Models and Time-Dependent Layer Normalization", NeurIPS 2024 (arXiv 2406.09416), Sec. 3.2, and
-the settings of the authors' release. The sampler follows Lu et al., "DPM-Solver" (NeurIPS 2022,
-arXiv 2206.00927) and "DPM-Solver++" (arXiv 2211.01095), with their symbols alpha_t, sigma_t,
-lambda_t = log(alpha_t / sigma_t) and h = lambda_t - lambda_s. Read top to bottom:
+the settings of the authors' release. The samplers follow Lu et al., "DPM-Solver" (NeurIPS 2022,
+arXiv 2206.00927) and "DPM-Solver++" (arXiv 2211.01095), and Zhao et al., "UniPC" (NeurIPS 2023,
+arXiv 2302.04867), with their symbols alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t) and
+h = lambda_t - lambda_s. Read top to bottom:
 
 1. DiscreteSchedule: DDPM with 1000 scaled-linear betas; q(x_n | x_0) for training; the
-   continuous-time view t in [1/1000, 1] (n = 1000 t) the sampler works in.
+   continuous-time view t in [1/1000, 1] (n = 1000 t) the samplers work in.
 2. Multi-scale targets and loss (paper Sec. 3.2).
 3. Classifier-free guidance: the model wrapper that turns DiMR into eps_fn(x, n).
-4. DPM-Solver++ (data prediction), multistep and singlestep, orders 1-3; UniPC (Zhao et al.,
-   NeurIPS 2023, arXiv 2302.04867), orders 1-3, on the same steps; DDPM ancestral sampling.
-How accurately each sampler solves the ODE is measured by sampler_error.py.
+4. Samplers of the probability-flow ODE, all in data prediction on one step grid: the release's
+   (DPM-Solver++ singlestep, `singlestep`), the default (UniPC, `unipc`), both run by
+   `ode_sample`; and DDPM's ancestral sampling (`ddpm_sample`), the baseline.
+How accurately each sampler solves the ODE: docs/samplers.md (tools/sampler_error.py).
 """
 import math
 
@@ -114,10 +116,7 @@ def multiscale_targets(eps, sizes):
     targets = []
     for size in sizes:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        k = H // h
-        if h * k != H or w * k != W:
-            raise ValueError(f"branch size {h}x{w} does not divide the noise size {H}x{W} "
-                             "by one integer factor")
+        k = H // h  # the model's branch sizes divide H and W by one factor each
         targets.append(F.avg_pool2d(eps, k) * k if k > 1 else eps)  # avg * k^2 / k = sum / k
     return targets
 
@@ -156,8 +155,9 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
     which is 1 (no guidance) at n = 1000 and rises to w as n -> 0.
     Otherwise the conditional and null-class halves go through the model as one batch.
     """
-    if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0 (release convention, 0 = none), got {scale}")
+    if not 0 <= scale < math.inf:
+        raise ValueError(f"guidance scale must be finite and >= 0 (release convention, 0 = none), "
+                         f"got {scale}")
     if decay_power is not None and decay_power <= 0:
         raise ValueError(f"decay_power must be > 0, got {decay_power}")
     if scale == 0:
@@ -186,26 +186,25 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
 #           + sigma_t * int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda.
 # Expanding x0 around lambda_s as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_s) / h, so that
 # D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
-# A solver of order k estimates D0..D_{k-1}: singlestep from extra evaluations inside [s, t],
-# multistep from the previous steps' data predictions. UniPC (`unipc`) is multistep with a
-# corrector that reuses the next step's evaluation.
+# A solver of order k estimates D0..D_{k-1}: singlestep (the release's) from extra evaluations
+# inside [s, t]; UniPC (the default) from the previous steps' data predictions, with a corrector
+# that reuses the next step's evaluation.
 
 SPACINGS = ("time_uniform", "time_quadratic", "logSNR")
-METHODS = ("singlestep", "multistep", "unipc")
+METHODS = ("singlestep", "unipc")
 ORDERS = (1, 2, 3)
-VARIANTS = ("bh1", "bh2")  # UniPC's B(h), see uni_sum
+B_H = ("bh1", "bh2")  # UniPC's B(h), see uni_sum
 
 # The authors' release: its dpm_solver.py, DPM_Solver(..., predict_x0=True).sample(x, steps,
 # eps=1/1000, T=1) with the defaults order=3, skip_type='time_uniform', method='fast': our
 # singlestep solver on a time-uniform grid (see `singlestep`).
-RELEASE_SAMPLER = dict(order=3, method="singlestep", skip="time_uniform")
-# Our default, chosen by measurement (README, "Sampler accuracy"): UniPC-3 with B(h) 'bh1' on logSNR
-# steps; with fewer than FEW_STEPS evaluations, where third order is the less accurate, UniPC-2 with
-# 'bh2' and lower-order final steps.
-DEFAULT_SAMPLER = dict(order=3, method="unipc", skip="logSNR", variant="bh1",
-                       lower_order_final=False)
+RELEASE_SAMPLER = dict(method="singlestep", order=3, skip="time_uniform")
+# Our default, chosen by measurement (docs/samplers.md): UniPC-3 with B(h) 'bh1' on logSNR steps;
+# with fewer than FEW_STEPS evaluations, where third order is the less accurate, UniPC-2 with 'bh2'
+# and lower-order final steps.
+DEFAULT_SAMPLER = dict(method="unipc", order=3, skip="logSNR", bh="bh1", lower_order_final=False)
 FEW_STEPS = 8
-FEW_STEPS_SAMPLER = dict(DEFAULT_SAMPLER, order=2, variant="bh2", lower_order_final=True)
+FEW_STEPS_SAMPLER = dict(DEFAULT_SAMPLER, order=2, bh="bh2", lower_order_final=True)
 
 
 def sampler_settings(steps, **given):
@@ -215,10 +214,10 @@ def sampler_settings(steps, **given):
 
 
 def sampler_name(settings):
-    """'unipc 3 logSNR bh1', 'unipc 2 logSNR bh2, lower-order final', 'multistep 3 logSNR'."""
+    """'unipc 3 logSNR bh1', 'unipc 2 logSNR bh2, lower-order final', 'singlestep 3 logSNR'."""
     name = f"{settings['method']} {settings['order']} {settings['skip']}"
     if settings["method"] == "unipc":
-        name += f" {settings['variant']}" + ", lower-order final" * settings["lower_order_final"]
+        name += f" {settings['bh']}" + ", lower-order final" * settings["lower_order_final"]
     return name
 
 
@@ -238,6 +237,44 @@ def time_steps(schedule, skip, num):
     return schedule.inverse_lambda(lam)
 
 
+class DataPrediction:
+    """x0(x, t) = (x - sigma_t eps(x, n)) / alpha_t with n = 1000 t, for the scalar time t.
+
+    Counts the evaluations and reports them to progress(done, steps).
+    """
+
+    def __init__(self, eps_fn, schedule, steps, progress=None):
+        self.eps_fn, self.schedule, self.steps, self.progress = eps_fn, schedule, steps, progress
+        self.evals = 0
+
+    def __call__(self, x, t):
+        n_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        eps = self.eps_fn(x, torch.full((x.shape[0],), NUM_TIMESTEPS * float(t), dtype=n_dtype,
+                                        device=x.device))
+        self.evals += 1
+        if self.progress is not None:
+            self.progress(self.evals, self.steps)
+        return (x - float(self.schedule.sigma_t(t)) * eps) / float(self.schedule.alpha_t(t))
+
+
+def exp_step(schedule, x, s, t, D0, D1=0.0, D2=0.0):
+    """The exponential integrator from s to t with x0 ~ D0 + D1 u + D2 u^2 / 2 (DPM-Solver++):
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (phi1 D0 - phi2 D1 + phi3 D2),
+        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2,  h = lambda_t - lambda_s.
+
+    With D1 = D2 = 0 it is DDIM.
+    """
+    h = float(schedule.lambda_t(t) - schedule.lambda_t(s))
+    phi1 = math.expm1(-h)
+    phi2 = phi1 / h + 1.0
+    phi3 = phi2 / h - 0.5
+    ratio, alpha_t = float(schedule.sigma_t(t) / schedule.sigma_t(s)), float(schedule.alpha_t(t))
+    return ratio * x - alpha_t * (phi1 * D0 - phi2 * D1 + phi3 * D2)
+
+
+# -- the release's sampler: DPM-Solver++, singlestep -------------------------------------------
+
 def singlestep_orders(steps, order):
     """Orders of the singlestep segments, summing to `steps` evaluations (DPM-Solver-fast).
 
@@ -252,43 +289,7 @@ def singlestep_orders(steps, order):
     return {0: [3] * (K - 2) + [2, 1], 1: [3] * (K - 1) + [1], 2: [3] * (K - 1) + [2]}[steps % 3]
 
 
-class DataPrediction:
-    """x0(x, t) = (x - sigma_t eps(x, n)) / alpha_t with n = 1000 t, for the scalar time t.
-
-    Counts the evaluations and reports them to progress(done, steps).
-    """
-
-    def __init__(self, eps_fn, schedule, steps, progress=None):
-        self.eps_fn, self.ns, self.steps, self.progress = eps_fn, schedule, steps, progress
-        self.evals = 0
-
-    def __call__(self, x, t):
-        n_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        eps = self.eps_fn(x, torch.full((x.shape[0],), NUM_TIMESTEPS * float(t), dtype=n_dtype,
-                                        device=x.device))
-        self.evals += 1
-        if self.progress is not None:
-            self.progress(self.evals, self.steps)
-        return (x - float(self.ns.sigma_t(t)) * eps) / float(self.ns.alpha_t(t))
-
-
-def exp_step(ns, x, s, t, D0, D1=0.0, D2=0.0):
-    """The exponential integrator from s to t with x0 ~ D0 + D1 u + D2 u^2 / 2 (DPM-Solver++):
-
-        x_t = (sigma_t / sigma_s) x_s - alpha_t (phi1 D0 - phi2 D1 + phi3 D2),
-        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2,  h = lambda_t - lambda_s.
-
-    With D1 = D2 = 0 it is DDIM.
-    """
-    h = float(ns.lambda_t(t) - ns.lambda_t(s))
-    phi1 = math.expm1(-h)
-    phi2 = phi1 / h + 1.0
-    phi3 = phi2 / h - 0.5
-    ratio, alpha_t = float(ns.sigma_t(t) / ns.sigma_t(s)), float(ns.alpha_t(t))
-    return ratio * x - alpha_t * (phi1 * D0 - phi2 * D1 + phi3 * D2)
-
-
-def singlestep(x0, ns, x, ts, order):
+def singlestep(predict_x0, schedule, x, ts, order):
     """DPM-Solver++(kS) on the grid ts of `steps` intervals, with singlestep_orders.
 
     A segment of order k runs from grid point i to i + k and evaluates x0 at its start and at the
@@ -296,61 +297,33 @@ def singlestep(x0, ns, x, ts, order):
     1/2 (1/3, 2/3) on a logSNR grid, as in the DPM-Solver papers, and whatever the grid gives on
     the others. This is what the release's 'fast' method computes.
     """
-    lam = lambda t: float(ns.lambda_t(t))  # noqa: E731
+    lam = lambda t: float(schedule.lambda_t(t))  # noqa: E731
     i = 0
     for k in singlestep_orders(len(ts) - 1, order):
         s, t = ts[i], ts[i + k]
-        m0 = x0(x, s)
+        m0 = predict_x0(x, s)
         if k == 1:  # DDIM
-            x = exp_step(ns, x, s, t, m0)
+            x = exp_step(schedule, x, s, t, m0)
         else:  # DDIM to s1, evaluate there
             s1 = ts[i + 1]
             r1 = (lam(s1) - lam(s)) / (lam(t) - lam(s))
-            m1 = x0(exp_step(ns, x, s, s1, m0), s1)
+            m1 = predict_x0(exp_step(schedule, x, s, s1, m0), s1)
         if k == 2:  # DPM-Solver++(2S): D1 with h/2 ~ -phi1/2 in place of phi2, as the papers do
-            x = exp_step(ns, x, s, t, m0 + (m1 - m0) / (2 * r1))
+            x = exp_step(schedule, x, s, t, m0 + (m1 - m0) / (2 * r1))
         elif k == 3:  # DPM-Solver++(3S): second order to s2, evaluate; D1 from m2 alone
             s2 = ts[i + 2]
             r2 = (lam(s2) - lam(s)) / (lam(t) - lam(s))
-            m2 = x0(exp_step(ns, x, s, s2, m0, (r2 / r1) * (m1 - m0)), s2)
-            x = exp_step(ns, x, s, t, m0, (m2 - m0) / r2)  # third order when r2 = 2/3
+            m2 = predict_x0(exp_step(schedule, x, s, s2, m0, (r2 / r1) * (m1 - m0)), s2)
+            x = exp_step(schedule, x, s, t, m0, (m2 - m0) / r2)  # third order when r2 = 2/3
         i += k
     return x
 
 
-def multistep(x0, ns, x, ts, order):
-    """DPM-Solver++(kM): one evaluation per step; the update uses the last k data predictions."""
-    lam = lambda t: float(ns.lambda_t(t))  # noqa: E731
-    history = []  # data predictions at ts[i], ts[i-1], ts[i-2], newest first
-    for i in range(len(ts) - 1):
-        history = [x0(x, ts[i])] + history[:2]
-        s, t = ts[i], ts[i + 1]
-        h = lam(t) - lam(s)
-        k = min(order, i + 1)  # warm-up: too little history for order k yet
-        if k == 1:  # DDIM
-            x_first, x = x, exp_step(ns, x, s, t, history[0])
-        elif k == 2 and order == 3:
-            # A first-order first step would leave third order with an O(h^2) global error: the
-            # DDIM step to ts[1] only served to evaluate there, and x at ts[2] comes from x at
-            # ts[0] by DPM-Solver++(2S) through ts[1].
-            r1 = (lam(ts[1]) - lam(ts[0])) / (lam(ts[2]) - lam(ts[0]))
-            x = exp_step(ns, x_first, ts[0], t, history[1] + (history[0] - history[1]) / (2 * r1))
-        elif k == 2:  # DPM-Solver++(2M), r = (lambda_{i-1} - lambda_s) / h < 0
-            r = (lam(ts[i - 1]) - lam(s)) / h
-            x = exp_step(ns, x, s, t, history[0] + (history[1] - history[0]) / (2 * r))
-        else:  # D1, D2 from backward differences at lambda_s - r0 h and lambda_s - (r0 + r1) h
-            r0 = (lam(s) - lam(ts[i - 1])) / h
-            r1 = (lam(ts[i - 1]) - lam(ts[i - 2])) / h
-            D1_0 = (history[0] - history[1]) / r0  # ~ D1 - (r0 / 2) D2
-            D1_1 = (history[1] - history[2]) / r1  # ~ D1 - (r0 + r1 / 2) D2
-            D2 = (D1_0 - D1_1) * (2.0 / (r0 + r1))
-            x = exp_step(ns, x, s, t, history[0], D1_0 + D2 * (r0 / 2), D2)
-    return x
+# -- the default: UniPC -------------------------------------------------------------------------
 
-
-def uni_coefficients(h, rs, variant):
+def uni_coefficients(h, rs, bh):
     """B(h) and a_1..a_p of uni_sum for the ratios rs = [r_1, ..., r_p] (float64 [p])."""
-    B = -h if variant == "bh1" else math.expm1(-h)
+    B = -h if bh == "bh1" else math.expm1(-h)
     if len(rs) == 1:
         return B, torch.tensor([0.5], dtype=torch.float64)
     hphi, g = math.expm1(-h), []  # h phi_1(-h)
@@ -362,7 +335,7 @@ def uni_coefficients(h, rs, variant):
     return B, torch.linalg.solve(R, torch.tensor(g, dtype=torch.float64))
 
 
-def uni_sum(lams, ms, variant, m_t=None):
+def uni_sum(lams, ms, bh, m_t=None):
     """B(h) sum_m a_m D_m / r_m of the UniPC update in data prediction (Zhao et al. 2023, Sec. 3):
 
         x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) m_0 - alpha_t B(h) sum_m a_m D_m / r_m,
@@ -376,9 +349,10 @@ def uni_sum(lams, ms, variant, m_t=None):
         sum_m a_m r_m^(j-1) = j! h phi_{j+1}(-h) / B(h),   j = 1..p,
     with h phi_1(-h) = e^-h - 1 and h phi_{j+1}(-h) = h phi_j(-h) / (-h) - 1/j!: the update is
     then the exact integral of the polynomial in lambda through the p + 1 data predictions,
-    whatever B(h). With one difference a_1 = 1/2, and B(h) decides the step: B(h) = -h ('bh1')
-    or e^-h - 1 ('bh2', which makes UniP-2 DPM-Solver++(2M)), the paper's B_1(h) = h and
-    B_2(h) = e^h - 1 taken at -h, as the official code does in data prediction.
+    whatever B(h), which is also what multistep DPM-Solver++(3M) integrates. With one difference
+    a_1 = 1/2, and B(h) decides the step: B(h) = -h ('bh1') or e^-h - 1 ('bh2', which makes UniP-2
+    DPM-Solver++(2M)), the paper's B_1(h) = h and B_2(h) = e^h - 1 taken at -h, as the official
+    code does in data prediction.
     """
     lam_s, lam_t = lams[-2], lams[-1]
     h = lam_t - lam_s
@@ -388,11 +362,11 @@ def uni_sum(lams, ms, variant, m_t=None):
         rs, Ds = rs + [1.0], Ds + [m_t - ms[-1]]
     if not rs:  # UniP-1 is DDIM
         return 0.0
-    B, a = uni_coefficients(h, rs, variant)
+    B, a = uni_coefficients(h, rs, bh)
     return B * sum(float(a_m) * D / r for a_m, D, r in zip(a, Ds, rs))
 
 
-def unipc(x0, ns, x, ts, order, variant, lower_order_final, corrector=True):
+def unipc(predict_x0, schedule, x, ts, order, bh, lower_order_final, corrector=True):
     """UniPC-p (Zhao et al. 2023), multistep: each step predicts x_t by UniP from the last k data
     predictions, evaluates x0 there, and corrects x_t by UniC from the same points and that
     evaluation, which is also the next step's data prediction: one evaluation per step. The last
@@ -400,57 +374,63 @@ def unipc(x0, ns, x, ts, order, variant, lower_order_final, corrector=True):
     k = min(order, i) (warm-up), and with lower_order_final at most steps + 1 - i, the official
     code's lower_order_final. corrector=False: UniP alone.
     """
-    lam, alpha = ns.lambda_t(ts).tolist(), ns.alpha_t(ts).tolist()
+    lam, alpha = schedule.lambda_t(ts).tolist(), schedule.alpha_t(ts).tolist()
     steps = len(ts) - 1
-    ms = [x0(x, ts[0])]  # data predictions at the last `order` grid points, oldest first
+    ms = [predict_x0(x, ts[0])]  # data predictions at the last `order` grid points, oldest first
     for i in range(1, steps + 1):
         k = min(order, i, steps + 1 - i) if lower_order_final else min(order, i)
-        x_ddim = exp_step(ns, x, ts[i - 1], ts[i], ms[-1])
-        x_pred = x_ddim - alpha[i] * uni_sum(lam[i - k:i + 1], ms[-k:], variant)  # UniP
+        x_ddim = exp_step(schedule, x, ts[i - 1], ts[i], ms[-1])
+        x_pred = x_ddim - alpha[i] * uni_sum(lam[i - k:i + 1], ms[-k:], bh)  # UniP
         if i == steps:
             return x_pred
-        m_t = x0(x_pred, ts[i])
+        m_t = predict_x0(x_pred, ts[i])
         if corrector:  # UniC
-            x = x_ddim - alpha[i] * uni_sum(lam[i - k:i + 1], ms[-k:], variant, m_t)
+            x = x_ddim - alpha[i] * uni_sum(lam[i - k:i + 1], ms[-k:], bh, m_t)
         else:
             x = x_pred
         ms = (ms + [m_t])[-order:]
 
 
-SOLVERS = {"singlestep": singlestep, "multistep": multistep, "unipc": unipc}
+def check_sampler(settings, steps):
+    """A ValueError unless ode_sample can run these settings for `steps` evaluations."""
+    for name, key, choices in (("method", "method", METHODS), ("order", "order", ORDERS),
+                               ("step spacing", "skip", SPACINGS), ("UniPC B(h)", "bh", B_H)):
+        if settings[key] not in choices:
+            raise ValueError(f"unknown {name} {settings[key]!r}; choose from "
+                             f"{', '.join(map(str, choices))}")
+    if steps < settings["order"]:
+        raise ValueError(f"--steps must be >= {settings['order']}, the solver's order, "
+                         f"got {steps}")
 
 
-def dpm_solver_sample(eps_fn, x_T, steps, order=None, method=None, skip=None, variant=None,
-                      lower_order_final=None, schedule=None, progress=None):
+def ode_sample(eps_fn, x_T, steps, method=None, order=None, skip=None, bh=None,
+               lower_order_final=None, schedule=None, progress=None):
     """Solve the probability-flow ODE from n = 1000 (t = 1) to n = 1 (t = 1/1000).
 
     eps_fn(x, n): noise prediction, n a float tensor [B] on the 0..1000 step scale (n = 1000 t).
-    steps: number of eps_fn evaluations; order: 1, 2 or 3; method: one of METHODS; skip: the
-    spacing of the time grid, one of SPACINGS; UniPC only: variant, its B(h), one of VARIANTS,
-    and lower_order_final (see `unipc`); settings left None are the default's (sampler_settings).
-    schedule: a DiscreteSchedule (default the release's). progress(done, steps) is called after
-    each evaluation. Returns x at t = 1/1000 (n = 1), as the release does.
+    steps: number of eps_fn evaluations; method: 'unipc' or 'singlestep' (METHODS); order: 1, 2
+    or 3; skip: the spacing of the time grid, one of SPACINGS; UniPC only: bh, its B(h), and
+    lower_order_final (see `unipc`); settings left None are the default's (sampler_settings), and
+    RELEASE_SAMPLER gives the release's. schedule: a DiscreteSchedule (default the release's).
+    progress(done, steps) is called after each evaluation. Returns x at t = 1/1000 (n = 1), as the
+    release does.
     """
-    settings = sampler_settings(steps, order=order, method=method, skip=skip, variant=variant,
+    settings = sampler_settings(steps, method=method, order=order, skip=skip, bh=bh,
                                 lower_order_final=lower_order_final)
-    order, method, skip = settings["order"], settings["method"], settings["skip"]
-    for name, value, choices in (("method", method, METHODS), ("order", order, ORDERS),
-                                 ("step spacing", skip, SPACINGS),
-                                 ("UniPC variant", settings["variant"], VARIANTS)):
-        if value not in choices:
-            raise ValueError(f"unknown {name} {value!r}; choose from "
-                             f"{', '.join(map(str, choices))}")
-    if steps < order:
-        raise ValueError(f"steps ({steps}) must be at least the order ({order})")
-    ns = DiscreteSchedule() if schedule is None else schedule
-    x0 = DataPrediction(eps_fn, ns, steps, progress)
-    options = {k: settings[k] for k in ("variant", "lower_order_final") if method == "unipc"}
-    x = SOLVERS[method](x0, ns, x_T, time_steps(ns, skip, steps), order, **options)
-    if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"the sampler's result is not finite ({method} order {order}, "
-                                 f"{steps} steps): the model returned NaN/inf")
-    return x
+    check_sampler(settings, steps)
+    method, order, skip = settings["method"], settings["order"], settings["skip"]
+    schedule = DiscreteSchedule() if schedule is None else schedule
+    predict_x0 = DataPrediction(eps_fn, schedule, steps, progress)
+    ts = time_steps(schedule, skip, steps)
+    if method == "unipc":
+        x = unipc(predict_x0, schedule, x_T, ts, order, settings["bh"],
+                  settings["lower_order_final"])
+    else:
+        x = singlestep(predict_x0, schedule, x_T, ts, order)
+    return finite(x, f"{sampler_name(settings)}, {steps} steps")
 
+
+# -- DDPM ---------------------------------------------------------------------------------------
 
 def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2), n = 1000 .. 1: 1000 evaluations,
@@ -461,7 +441,7 @@ def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
     noise at the last step. generator: one torch.Generator for the batch, or a list of CPU
     generators, one per row, so that row i's noise z does not depend on the other rows.
     """
-    ns = DiscreteSchedule() if schedule is None else schedule
+    schedule = DiscreteSchedule() if schedule is None else schedule
     n_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
     x = x_T
 
@@ -473,13 +453,19 @@ def ddpm_sample(eps_fn, x_T, generator=None, schedule=None, progress=None):
 
     for n in range(NUM_TIMESTEPS, 0, -1):
         eps = eps_fn(x, torch.full((x.shape[0],), float(n), dtype=n_dtype, device=x.device))
-        if not bool(torch.isfinite(eps).all()):
-            raise FloatingPointError(f"eps_fn returned NaN/inf at n = {n}")
-        beta, alpha_bar = float(ns.betas[n - 1]), float(ns.alphas_cumprod[n - 1])
+        beta, alpha_bar = float(schedule.betas[n - 1]), float(schedule.alphas_cumprod[n - 1])
         x = (x - beta / math.sqrt(1 - alpha_bar) * eps) / math.sqrt(1 - beta)
         if n > 1:
-            posterior_var = beta * (1 - float(ns.alphas_cumprod[n - 2])) / (1 - alpha_bar)
+            posterior_var = beta * (1 - float(schedule.alphas_cumprod[n - 2])) / (1 - alpha_bar)
             x = x + math.sqrt(posterior_var) * noise()
         if progress is not None:
             progress(NUM_TIMESTEPS + 1 - n, NUM_TIMESTEPS)
+    return finite(x, "DDPM")
+
+
+def finite(x, sampler):
+    """x, after one check (one host sync) that the whole solve stayed finite."""
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"the sampler's result is not finite ({sampler}): the model "
+                                 "returned NaN/inf, or the guidance scale is too large")
     return x

@@ -13,15 +13,13 @@ Call convention: model(x, t, y) with x (B, C, H, W), t float (B,) DDPM steps on 
 scale, y int64 (B,) where y == num_classes is the null class of classifier-free guidance. It
 returns one noise prediction per branch, lowest resolution first; the last is full resolution.
 
-Also here: the variant registry (Table 1/6 names), the Table 5 ablation switches (norm, MLP,
-number of branches), `python dimr.py --variant xl` (parameters and MACs per branch), and
-loading the authors' released checkpoints (`from_official`, `python dimr.py convert`).
+Read top to bottom: the config and the variant registry (Tables 1, 2, 6), the norms (TD-LN and
+the Table 5 alternatives), the blocks, the feature cascade and the output head, a branch, the
+network. Parameter and MAC counts: `python -m tools.count`; the authors' checkpoints:
+support/checkpoints.py.
 """
-import argparse
 import dataclasses
 import math
-import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import checkpoints
-from diffusion import NUM_TIMESTEPS
 from td_ln import TDLayerNorm, TDRMSNorm, per_sample, time_input
 
-# Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
-NORMS = ("td", "adaln_zero", "ln")
+NORMS = ("td", "adaln_zero", "ln")  # Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
 MLPS = ("glu", "gelu")              # Table 5: GLU with hidden 2D, or the usual 4D GELU MLP
 TIME_EMBED_DIM = 256                # DiT's sinusoidal time embedding (adaLN-Zero ablation only)
 
@@ -57,35 +52,7 @@ class DiMRConfig:
     def __post_init__(self):
         object.__setattr__(self, "depths", tuple(self.depths))
         object.__setattr__(self, "widths", tuple(self.widths))
-        R = len(self.depths)
-        problems = []
-        if R < 1 or len(self.widths) != R:
-            problems.append(f"depths {self.depths} and widths {self.widths} must have one entry "
-                            "per branch")
-        sizes = dict(input_size=self.input_size, in_channels=self.in_channels,
-                     num_classes=self.num_classes, patch_size=self.patch_size,
-                     num_heads=self.num_heads)
-        problems += [f"{k} must be >= 1, got {v}" for k, v in sizes.items() if v < 1]
-        problems += [f"{k} must all be >= 1, got {v}"
-                     for k, v in (("depths", self.depths), ("widths", self.widths))
-                     if min(v, default=1) < 1]
-        if problems:  # the structural checks below divide by these sizes
-            raise ValueError("bad DiMR config: " + "; ".join(problems))
-        if self.norm not in NORMS:
-            problems.append(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.mlp not in MLPS:
-            problems.append(f"mlp must be one of {MLPS}, got {self.mlp!r}")
-        if R > 1 and self.patch_size != 2 ** (R - 1):
-            problems.append(f"patch_size must be 2^(R-1) = {2 ** (R - 1)} for {R} branches, "
-                            f"got {self.patch_size}")
-        if self.input_size % self.patch_size:
-            problems.append(f"input_size {self.input_size} is not a multiple of "
-                            f"patch_size {self.patch_size}")
-        if self.widths and self.widths[0] % self.num_heads:
-            problems.append(f"width {self.widths[0]} is not divisible by "
-                            f"num_heads {self.num_heads}")
-        if problems:
-            raise ValueError("bad DiMR config: " + "; ".join(problems))
+        check_config(self)
 
     @property
     def num_branches(self):
@@ -94,6 +61,32 @@ class DiMRConfig:
     @property
     def patch_sizes(self):  # (p_1, ..., p_R)
         return tuple(self.patch_size // 2 ** r for r in range(self.num_branches))
+
+    @property
+    def blocks(self):
+        """Blocks built per branch: U-ViT's first half, a middle block, a second half."""
+        return tuple(2 * (n // 2) + 1 for n in self.depths)
+
+
+def check_config(c):
+    """One ValueError naming every problem of a config (sizes first: the rest divides by them)."""
+    sizes = [f"{k} must be >= 1, got {v}" for k, v in vars(c).items() if isinstance(v, int) and v < 1]
+    sizes += [f"{k} must all be >= 1, got {v}" for k, v in (("depths", c.depths),
+                                                             ("widths", c.widths)) if min(v) < 1]
+    if sizes or not 1 <= len(c.depths) == len(c.widths):
+        raise ValueError("bad DiMR config: " + "; ".join(sizes or [
+            f"depths {c.depths} and widths {c.widths} need one entry per branch"]))
+    R = len(c.depths)
+    problems = [f"norm must be one of {NORMS}, got {c.norm!r}"] * (c.norm not in NORMS)
+    problems += [f"mlp must be one of {MLPS}, got {c.mlp!r}"] * (c.mlp not in MLPS)
+    problems += [f"patch_size must be 2^(R-1) = {2 ** (R - 1)} for {R} branches, got "
+                 f"{c.patch_size}"] * (R > 1 and c.patch_size != 2 ** (R - 1))
+    problems += [f"input_size {c.input_size} is not a multiple of patch_size "
+                 f"{c.patch_size}"] * bool(c.input_size % c.patch_size)
+    problems += [f"width {c.widths[0]} is not divisible by num_heads "
+                 f"{c.num_heads}"] * bool(c.widths[0] % c.num_heads)
+    if problems:
+        raise ValueError("bad DiMR config: " + "; ".join(problems))
 
 
 VARIANTS = {
@@ -115,17 +108,16 @@ VARIANT_CHOICES = (*ALIASES, *VARIANTS)  # argparse choices everywhere
 
 def get_config(name, **overrides):
     """Registry lookup by paper name or alias, with optional field overrides."""
-    if name not in VARIANTS and name not in ALIASES:
+    if name not in VARIANT_CHOICES:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_CHOICES)}")
     return dataclasses.replace(VARIANTS[ALIASES.get(name, name)], **overrides)
 
 
 def config_from_dict(d):
     """Rebuild a config stored in a checkpoint (a plain dict, as nanoGPT stores it)."""
-    fields = {f.name for f in dataclasses.fields(DiMRConfig)}
-    if not isinstance(d, dict) or set(d) - fields:
-        raise ValueError(f"checkpoint config has unknown fields: "
-                         f"{sorted(set(d) - fields) if isinstance(d, dict) else d}")
+    unknown = set(d) - {f.name for f in dataclasses.fields(DiMRConfig)}
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown fields: {sorted(unknown)}")
     return DiMRConfig(**d)
 
 
@@ -246,50 +238,18 @@ class TransformerBlock(nn.Module):
         return residual(x, self.mlp(self.norm2(x, cond)), g2)
 
 
-class DepthwiseConvCPU(torch.autograd.Function):
-    """The ConvNeXt blocks' depthwise conv, F.conv2d(x, w, b, padding=k // 2, groups=D), with a
-    faster backward on the CPU, where oneDNN's depthwise kernel gradient is slow. That gradient is
-    itself a depthwise convolution: grad_w[d, i, j] = sum_{b,h,w} x_pad[b, d, h + i, w + j]
-    g[b, d, h, w], the input convolved with the output gradient as the kernel, one group per
-    (image, channel), summed over the images. Under CPU autocast it runs in float32."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx, x, weight, bias):                               # x: (B, D, H, W)
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, g):                                            # g: (B, D, H, W)
-        x, weight = ctx.saved_tensors
-        (B, D, H, W), k = x.shape, weight.shape[-1]
-        grad_x = torch.nn.grad.conv2d_input(x.shape, weight, g, padding=k // 2, groups=D)
-        grad_w = F.conv2d(x.reshape(1, B * D, H, W), g.reshape(B * D, 1, H, W), padding=k // 2,
-                          groups=B * D)                              # (1, B*D, k, k)
-        grad_w = torch.empty_like(weight).copy_(grad_w.view(B, D, 1, k, k).sum(0))  # w's strides
-        return grad_x, grad_w, g.sum((0, 2, 3))
-
-
 class ConvNeXtBlock(nn.Module):
     """x = x + DWConv7x7(x) (no norm before it); x = x + GLU(norm(x)), on maps (B, H, W, D)."""
 
     def __init__(self, cfg, dim, cond_dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        # The input is channels-last, so the kernel's gradient comes out channels-last; storing the
-        # kernel in that layout keeps DDP's gradient buckets matching (no stride-mismatch copies).
-        # DepthwiseConvCPU returns its gradient in the kernel's layout too.
-        self.dwconv.weight.data = self.dwconv.weight.data.to(memory_format=torch.channels_last)
         self.norm = make_norm(cfg.norm, dim, cond_dim, pre_norm=True)
         self.mlp = make_mlp(cfg.mlp, dim)
         self.gates = Gates(1, dim, cond_dim) if cfg.norm == "adaln_zero" else None
 
     def forward(self, x, cond):
-        h = x.permute(0, 3, 1, 2)                            # (B, D, H, W), channels-last in memory
-        conv = self.dwconv
-        h = DepthwiseConvCPU.apply(h, conv.weight, conv.bias) if h.is_cpu else conv(h)
-        x = x + h.permute(0, 2, 3, 1)
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)     # conv on (B, D, H, W)
         (g,) = self.gates(cond) if self.gates else (None,)
         return residual(x, self.mlp(self.norm(x, cond)), g)
 
@@ -344,17 +304,17 @@ class Branch(nn.Module):
 
     def __init__(self, cfg, r, cond_dim):
         super().__init__()
-        D, p, N = cfg.widths[r], cfg.patch_sizes[r], cfg.depths[r]
+        D, p = cfg.widths[r], cfg.patch_sizes[r]
         self.is_transformer = r == 0
         self.grid = cfg.input_size // p
         self.patch_embed = nn.Conv2d(cfg.in_channels, D, p, stride=p)
         self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2, D))       # row h*grid + w
         if r > 0:
-            num_maps = 2 * (cfg.depths[r - 1] // 2) + 2   # input of the first block + every block
+            num_maps = cfg.blocks[r - 1] + 1   # the input of the first block and every block
             self.cascade = Cascade(cfg, num_maps * cfg.widths[r - 1], D, 2, cond_dim)
         Block = TransformerBlock if self.is_transformer else ConvNeXtBlock
-        self.blocks = nn.ModuleList(Block(cfg, D, cond_dim) for _ in range(2 * (N // 2) + 1))
-        self.skips = nn.ModuleList(nn.Linear(2 * D, D) for _ in range(N // 2))
+        self.blocks = nn.ModuleList(Block(cfg, D, cond_dim) for _ in range(cfg.blocks[r]))
+        self.skips = nn.ModuleList(nn.Linear(2 * D, D) for _ in range(cfg.blocks[r] // 2))
         self.head = Head(cfg, D, p if r == cfg.num_branches - 1 else 1, cond_dim)
         self.grad_checkpointing = False
 
@@ -392,22 +352,6 @@ class Branch(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # The network
-
-def require(ok, message):
-    """Raise ValueError(message()) unless every entry of the bool tensor `ok` is True.
-
-    Reading `ok` on an accelerator would make the host wait for the device on every forward
-    pass, so there the check is torch._assert_async: a device-side assert that fails the run at
-    the next synchronisation instead (meta tensors, as in `count`, pass through it). Skipped
-    while torch.compile traces the model.
-    """
-    if torch.compiler.is_compiling():
-        return
-    if ok.device.type != "cpu":
-        torch._assert_async(ok.all())
-    elif not ok.all():
-        raise ValueError(message())
-
 
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding of the DDPM step (only for the Table 5 ablations), (B,) -> (B, dim)."""
@@ -450,27 +394,6 @@ class DiMR(nn.Module):
         for b in self.branches:
             b.grad_checkpointing = enabled
 
-    def check_inputs(self, x, t, y):
-        cfg = self.config
-        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be [B, {cfg.in_channels}, H, W], got {list(x.shape)}")
-        B, _, H, W = x.shape
-        if H % cfg.patch_size or W % cfg.patch_size or max(H, W) > cfg.input_size:
-            raise ValueError(f"x is {H}x{W}; H and W must be multiples of {cfg.patch_size} "
-                             f"and at most {cfg.input_size}")
-        if t.shape != (B,) or not t.is_floating_point():
-            raise ValueError(f"t must be a float tensor [{B}] of DDPM steps, "
-                             f"got {t.dtype} {list(t.shape)}")
-        if y.shape != (B,) or y.dtype != torch.long:
-            raise ValueError(f"y must be an int64 tensor [{B}] of class ids, "
-                             f"got {y.dtype} {list(y.shape)}")
-        t_ok = (t >= 0) & (t <= NUM_TIMESTEPS)                               # False for NaN too
-        require(t_ok, lambda: f"t must be finite DDPM steps in [0, {NUM_TIMESTEPS}], "
-                              f"got {t[~t_ok].tolist()[:5]}")
-        y_ok = (y >= 0) & (y <= cfg.num_classes)
-        require(y_ok, lambda: f"class ids {y[~y_ok].tolist()[:5]} out of range "
-                              f"0..{cfg.num_classes} ({cfg.num_classes} is the null class)")
-
     def condition(self, t, y):
         """What the norms see (cond) and the tokens prepended to the Transformer branch."""
         y_emb = self.class_embed(y)                                         # (B, D1)
@@ -484,192 +407,9 @@ class DiMR(nn.Module):
         return c, y_emb.new_empty(y_emb.shape[0], 0, y_emb.shape[1])    # (B, 0, D1)
 
     def forward(self, x, t, y):
-        self.check_inputs(x, t, y)
         cond, extra_tokens = self.condition(t, y)
         outputs, features = [], None
         for branch in self.branches:
             out, features = branch(x, cond, extra_tokens, features)
             outputs.append(out)
         return outputs                     # [(B, C, H_r, W_r)], lowest resolution first
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints of ours
-
-def load_model(path, weights="ema", device="cpu"):
-    """Rebuild a DiMR from one of our checkpoints (train.py or `dimr.py convert`)."""
-    ckpt = checkpoints.load(path)
-    if "config" not in ckpt or weights not in ckpt:
-        hint = ("; it looks like the authors' release: convert it with `python dimr.py convert`"
-                if any(str(k).startswith("stages.") for k in ckpt) else "")
-        raise ValueError(f"{path}: not a DiMR checkpoint with '{weights}' weights "
-                         f"({len(ckpt)} keys, e.g. {', '.join(map(str, list(ckpt)[:3]))}){hint}")
-    model = DiMR(config_from_dict(ckpt["config"]))
-    load_state_dict_strict(model, ckpt[weights], source=str(path))
-    return model.to(device).eval(), ckpt
-
-
-def load_state_dict_strict(model, sd, source):
-    """load_state_dict with one clear line per kind of mismatch instead of a long RuntimeError."""
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in sd]
-    unexpected = [k for k in sd if k not in ours]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(ours[k].shape)}"
-              for k in ours if k in sd and sd[k].shape != ours[k].shape]
-    for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches", shapes)):
-        if names:
-            raise ValueError(f"{source}: {len(names)} {what}, e.g. {', '.join(names[:3])}")
-    model.load_state_dict(sd)
-
-
-# ----------------------------------------------------------------------------------------------
-# The authors' release
-
-# Their key -> ours, applied in order (regexes on the full key).
-OFFICIAL_KEYS = [
-    (r"^stages\.0\.class_embeds\.", "class_embed."),
-    (r"^stages\.(\d+)\.", r"branches.\1."),
-    (r"\.input_layer\.1\.", ".patch_embed."),
-    (r"\.input_layer\.3\.position_embeddings\.weight$", ".pos_embed"),
-    (r"\.block1\.norm\.scale\.", ".norm1.gamma."),
-    (r"\.block1\.query_key_value\.", ".attn.qkv."),
-    (r"\.block1\.dense\.", ".attn.proj."),
-    (r"\.block1\.1\.", ".dwconv."),
-    (r"\.block2\.norm\.scale\.", ".NORM2.gamma."),
-    (r"\.block2\.(w\d)\.", r".mlp.\1."),
-    (r"\.skip_denses\.", ".skips."),
-    (r"\.output_layer\.0\.", ".head.norm."),
-    (r"\.output_layer\.2\.", ".head.conv."),
-    (r"\.upsample\.0\.", ".cascade.norm_in."),
-    (r"\.upsample\.1\.kernel\.", ".cascade.proj."),
-    (r"\.upsample\.2\.", ".cascade.norm_out."),
-    (r"\.norm(_in|_out)?\.weight\.", r".norm\1.gamma."),
-    (r"\.norm(_in|_out)?\.bias\.", r".norm\1.beta."),
-    (r"\.param0$", ".p0"), (r"\.param1$", ".p1"),
-    (r"\.nodecay_weight$", ".w"), (r"\.nodecay_bias$", ".b"),
-]
-
-
-def official_key(key):
-    for pattern, repl in OFFICIAL_KEYS:
-        key = re.sub(pattern, repl, key)
-    # the second norm is `norm2` in a Transformer block and `norm` in a ConvNeXt block
-    return key.replace(".NORM2.", ".norm2." if key.startswith("branches.0.") else ".norm.")
-
-
-def config_from_official(sd, num_heads):
-    """Infer the config from the release's tensor shapes (only the head count is not in them)."""
-    try:
-        R = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("stages."))
-        widths, depths = [], []
-        for r in range(R):
-            D, C, p, _ = sd[f"stages.{r}.input_layer.1.weight"].shape
-            widths.append(D)
-            depths.append(1 + max(int(k.split(".")[3]) for k in sd
-                                  if k.startswith(f"stages.{r}.blocks.")))
-            if r == 0:
-                patch, in_channels = p, C
-                grid = math.isqrt(sd["stages.0.input_layer.3.position_embeddings.weight"].shape[0])
-        num_classes = sd["stages.0.class_embeds.weight"].shape[0] - 1
-    except (KeyError, ValueError, AttributeError) as e:
-        raise ValueError(f"not a DiMR release state_dict (could not read {e})") from None
-    cfg = DiMRConfig(grid * patch, in_channels, num_classes, patch, tuple(depths), tuple(widths),
-                     num_heads)
-    # prefer the registry's config (same model, configured depths)
-    for variant in VARIANTS.values():
-        built = tuple(2 * (n // 2) + 1 for n in variant.depths)
-        if dataclasses.replace(variant, depths=built) == cfg:
-            return variant
-    return cfg
-
-
-def from_official(state_dict, num_heads):
-    """Build the model matching a released state_dict (sizes from its shapes) and load it."""
-    sd = state_dict.get("state_dict", state_dict.get("model", state_dict))
-    cfg = config_from_official(sd, num_heads)
-    model = DiMR(cfg)
-    load_state_dict_strict(model, {official_key(k): v for k, v in sd.items()},
-                           source="release checkpoint")
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: summary (parameters, MACs) and conversion
-
-def count(cfg):
-    """Parameters and multiply-accumulates (batch 1) per branch, on the meta device (no weights)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        model = DiMR(cfg)
-        x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)
-        t, y = torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            model(x, t, y)
-    flops = counter.get_flop_counts()
-    rows = []
-    for r, b in enumerate(model.branches):
-        name = f"branch {r + 1} ({'Transformer' if r == 0 else 'ConvNeXt'}, {cfg.widths[r]}-d, " \
-               f"{len(b.blocks)} blocks, {cfg.input_size // cfg.patch_sizes[r]}^2)"
-        macs = sum(flops.get(f"DiMR.branches.{r}", {}).values()) // 2
-        rows.append((name, sum(p.numel() for p in b.parameters()), macs))
-    rest = sum(p.numel() for p in model.parameters()) - sum(r[1] for r in rows)
-    rows.append(("embeddings (class, time)", rest, 0))
-    return rows
-
-
-def print_summary(name, cfg):
-    rows = count(cfg)
-    print(f"{name}: input {cfg.input_size}x{cfg.input_size}x{cfg.in_channels}, "
-          f"norm={cfg.norm}, mlp={cfg.mlp}")
-    for label, params, macs in rows:
-        print(f"  {label:<58} {params:>15,} params {macs / 1e9:9.2f} GMACs")
-    print(f"  {'total':<58} {sum(r[1] for r in rows):>15,} params "
-          f"{sum(r[2] for r in rows) / 1e9:9.2f} GMACs")
-
-
-# Table 5 (ImageNet 64, 300K steps): U-ViT-M/4 -> DiMR-M/3R, with the paper's parameter counts.
-TABLE5 = [
-    ("U-ViT-M/4 baseline", dict(depths=(17,), widths=(768,), norm="ln", mlp="gelu"), 130.9),
-    ("+ adaLN-Zero", dict(depths=(17,), widths=(768,), norm="adaln_zero", mlp="gelu"), 202.4),
-    ("adaLN-Zero + multi-branch", dict(norm="adaln_zero", mlp="gelu"), 217.9),
-    ("TD-LN + multi-branch", dict(mlp="gelu"), 154.0),
-    ("+ GLU (= DiMR-M/3R)", dict(), 132.9),
-]
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Without a command: print "
-                                "parameters and GMACs (batch 1) per branch of a variant.")
-    p.add_argument("--variant", choices=VARIANT_CHOICES, default="xl", help="variant to summarise")
-    p.add_argument("--table5", action="store_true",
-                   help="parameter counts of the Table 5 ablations")
-    sub = p.add_subparsers(dest="command")
-    c = sub.add_parser("convert", help="convert an authors' release checkpoint to ours")
-    c.add_argument("src", help="the release's .pth (a state_dict)")
-    c.add_argument("dst", help="output checkpoint (.pt) for sample.py")
-    c.add_argument("--heads", type=int, required=True, help="attention heads (16 for XL and G)")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "convert":
-            model = from_official(checkpoints.load(args.src), args.heads)
-            sd = model.state_dict()
-            checkpoints.save({"config": dataclasses.asdict(model.config), "model": sd, "ema": sd},
-                             args.dst)
-            print(f"wrote {args.dst}: {sum(v.numel() for v in sd.values()):,} parameters, "
-                  f"config {model.config}")
-        elif args.table5:
-            base = VARIANTS["DiMR-M/3R"]
-            for label, overrides, paper in TABLE5:
-                if len(overrides.get("depths", base.depths)) == 1:
-                    overrides = dict(overrides, patch_size=4)
-                params = sum(r[1] for r in count(dataclasses.replace(base, **overrides)))
-                print(f"{label:<28} {params / 1e6:7.1f}M params (paper: {paper}M)")
-        else:
-            print_summary(ALIASES.get(args.variant, args.variant), get_config(args.variant))
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main()

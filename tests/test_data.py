@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import data
+from support import data, digits
 
 
 def test_digits_are_sklearn_digits_in_model_space():
-    d = data.digits()
+    d = digits.training_data()
     x, y = d.dataset.tensors
     ref = load_digits()
     assert x.shape == (1797, 1, 8, 8) and d.num_classes == 10 and not d.flip
@@ -25,15 +25,16 @@ def test_digits_are_sklearn_digits_in_model_space():
 
 
 def test_loading_data_does_not_import_the_fid_code():
-    code = "import sys, data; print(sorted(m for m in ('fid', 'scipy') if m in sys.modules))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parent,
+    code = ("import sys; from support import data; data.open_data('digits'); "
+            "print(sorted(m for m in ('fid', 'support.inception_weights') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parents[1],
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
 
 
 def test_digits_upsampled():
-    x8 = data.digits(8).dataset.tensors[0]
-    x16 = data.digits(16).dataset.tensors[0]
+    x8 = digits.training_data(8).dataset.tensors[0]
+    x16 = digits.training_data(16).dataset.tensors[0]
     assert x16.shape == (1797, 1, 16, 16)
     # bilinear 2x with half-pixel centres: output pixel (0, 0) samples input (-1/4, -1/4),
     # clamped to (0, 0)
@@ -44,7 +45,7 @@ def test_digits_upsampled():
               + 0.25 * 0.25 * x8[..., i + 1, i + 1])
     torch.testing.assert_close(x16[..., 2 * i + 1, 2 * i + 1], expect, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="digits come at 8 px"):
-        data.digits(12)
+        digits.training_data(12)
 
 
 def rgb(array):

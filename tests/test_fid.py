@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import distributed
 import fid
+from support import distributed, inception_weights
+from support.images import open_images
 
 DATA = Path(__file__).parent / "data"
 
@@ -35,7 +36,7 @@ def _torchscript():
     graph's names (net.layers.mixed_6.conv is mixed_6/conv)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch deprecates TorchScript
-        return torch.jit.load(str(fid.fid_helper_path()), map_location="cpu")
+        return torch.jit.load(str(inception_weights.fid_helper_path()), map_location="cpu")
 
 
 @functools.cache
@@ -121,42 +122,47 @@ def test_frechet_distance_identical_statistics_is_zero():
 
 
 def test_frechet_distance_singular_covariances():
-    # Rank-3 covariances in 10-d (fewer samples than dimensions): the distance stays finite
-    # and equals the closed form ||mu1 - mu2||^2 (identical covariances) up to the eps shift.
+    # Rank-3 covariances in 10-d (fewer samples than dimensions): the distance is the closed form
+    # ||mu1 - mu2||^2 of identical covariances, to rounding (sqrtm with pytorch-fid's eps retry was
+    # 1e-4 off here).
     rng = np.random.default_rng(3)
     a = rng.normal(size=(10, 3))
     sigma = a @ a.T
     mu1, mu2 = rng.normal(size=10), rng.normal(size=10)
     value = fid.frechet_distance(mu1, sigma, mu2, sigma)
-    assert value == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-4)
+    assert value == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-12, abs=1e-9)
 
 
-def test_frechet_distance_retries_with_eps_when_the_root_fails(monkeypatch, capsys):
-    # sqrtm reports a non-finite root once: the distance is then taken with eps*I added to both
-    # covariances, for diagonal ones sum (s1 + s2) - 2 sqrt((s1 + eps)(s2 + eps)) in the trace.
-    rng = np.random.default_rng(7)
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    s1, s2 = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
-    real_sqrtm, calls = scipy.linalg.sqrtm, []
-
-    def failing_once(a):
-        calls.append(a)
-        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
-
-    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_once)
-    eps = 0.5  # large, so that the shifted root is told apart from the plain one
-    value = fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), eps=eps)
-    shifted = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt((s1 + eps) * (s2 + eps)))
-    plain = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
-    assert len(calls) == 2 and value == pytest.approx(shifted, rel=1e-10)
-    assert abs(shifted - plain) > 0.1
-    assert "adding 0.5 * I to both" in capsys.readouterr().err
+def _sqrtm_form(mu1, s1, mu2, s2, eps=1e-6):
+    """The distance as pytorch-fid and ADM's evaluator compute it: scipy's sqrtm of S1 S2, retried
+    with eps * I added to both when not finite, its real part."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        covmean = scipy.linalg.sqrtm((s1 + eps * np.eye(len(s1))) @ (s2 + eps * np.eye(len(s1))))
+    return (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+            - 2 * np.trace(covmean.real))
 
 
-def test_frechet_distance_rejects_imaginary_root():
-    # diag(-1, 1) is no covariance: its square root has imaginary part 1 on the diagonal.
-    with pytest.raises(ValueError, match="imaginary"):
+@pytest.mark.parametrize("n, d", [(500, 64), (3000, 256), (40, 64), (100, 256)])
+def test_frechet_distance_equals_the_sqrtm_form(n, d):
+    """Against the sqrtm form of pytorch-fid and ADM on statistics of n samples in d dimensions:
+    to float64 rounding with full-rank covariances (measured 2e-14 relative), within sqrtm's own
+    inaccuracy on singular ones (n < d; measured 8e-9 and 2e-8)."""
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / d ** 0.5
+    b = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / d ** 0.5 + 0.1
+    stats = (*fid.feature_statistics(a), *fid.feature_statistics(b))
+    reference = _sqrtm_form(*stats)
+    assert fid.frechet_distance(*stats) == pytest.approx(reference, rel=1e-12 if n > d else 1e-7)
+
+
+def test_frechet_distance_rejects_covariances_that_are_not_psd():
+    # diag(-1, 1) is no covariance: its square root has imaginary part 1 on the diagonal, which
+    # ADM and pytorch-fid reject (above 1e-3); rounding-sized negative eigenvalues pass.
+    with pytest.raises(ValueError, match="not positive semi-definite"):
         fid.frechet_distance(np.zeros(2), np.diag([-1.0, 1.0]), np.zeros(2), np.eye(2))
+    assert fid.frechet_distance(np.zeros(2), np.diag([-1e-12, 1.0]), np.zeros(2), np.eye(2)) \
+        == pytest.approx(1.0, rel=1e-9)
 
 
 def test_frechet_distance_rejects_mismatched_shapes():
@@ -289,7 +295,7 @@ def test_spatial_features_are_mixed_6_conv():
 def test_fid_helper_bn_is_folded_as_tf():
     # The TorchScript's BatchNorm has no scale; its eps is TF's 1e-3 (read from its code).
     assert "0.001" in _torchscript().net.layers.conv.code
-    state = fid.fid_helper_state_dict(fid.fid_helper_path())
+    state = inception_weights.fid_helper_state_dict(inception_weights.fid_helper_path())
     ours = fid.InceptionV3()
     assert ours.Conv2d_1a_3x3.bn.eps == 1e-3
     bn_weights = [v for k, v in state.items() if k.endswith("bn.weight")]
@@ -504,12 +510,12 @@ def test_folder_and_npz_give_same_features(tmp_path):
         folder = tmp_path / "imgs" / ("sub" if i % 2 else "")
         Image.fromarray(im).save(folder / f"{i}.png")
     np.savez(tmp_path / "imgs.npz", arr_0=images)
-    from_folder = fid.open_images(tmp_path / "imgs")
+    from_folder = open_images(tmp_path / "imgs")
     assert len(from_folder) == 5
     order = [int(p.stem) for p in from_folder]
     expected = (images.reshape(5, -1, 3).astype(np.float64).mean(1) - 128) / 128
     feats_folder = fid.inception_features(from_folder, _Summary(), batch_size=2)
-    feats_npz = fid.inception_features(fid.open_images(tmp_path / "imgs.npz"), _Summary(), 2)
+    feats_npz = fid.inception_features(open_images(tmp_path / "imgs.npz"), _Summary(), 2)
     np.testing.assert_allclose(feats_folder, expected[order], atol=1e-6)
     np.testing.assert_allclose(feats_npz, expected, atol=1e-6)
 
@@ -526,14 +532,14 @@ def test_npz_images_are_memory_mapped(tmp_path):
                 f, {"descr": "|u1", "fortran_order": False, "shape": images.shape})
             f.write(images.tobytes())
     for name, mapped in (("plain", True), ("small", False), ("zip64", True)):
-        loaded = fid.open_images(tmp_path / f"{name}.npz")
+        loaded = open_images(tmp_path / f"{name}.npz")
         assert isinstance(loaded, np.memmap) == mapped and np.array_equal(loaded, images), name
 
 
 def test_empty_folder_is_rejected(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match="no images"):
-        fid.open_images(tmp_path)
+        open_images(tmp_path)
 
 
 @pytest.mark.parametrize("mode, shape", [("L", (4, 4)), ("RGBA", (4, 4, 4))])
@@ -541,22 +547,22 @@ def test_non_rgb_images_are_rejected(tmp_path, mode, shape):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros(shape, np.uint8)).save(tmp_path / "b.png")
     with pytest.raises(ValueError, match=f"b.png: image mode {mode}, FID needs RGB"):
-        fid.open_images(tmp_path)
+        open_images(tmp_path)
 
 
 def test_npz_without_arr_0_or_with_wrong_layout(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="no arr_0"):
-        fid.open_images(tmp_path / "x.npz")
+        open_images(tmp_path / "x.npz")
     np.savez(tmp_path / "chw.npz", arr_0=np.zeros((2, 3, 4, 4), np.uint8))
-    with pytest.raises(ValueError, match="expected uint8 \\[N, H, W, 3\\]"):
-        fid.open_images(tmp_path / "chw.npz")
+    with pytest.raises(ValueError, match="expected arr_0 uint8 \\[N, H, W, 3\\]"):
+        open_images(tmp_path / "chw.npz")
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="arr_0 is float32"):
-        fid.open_images(tmp_path / "float.npz")
+        open_images(tmp_path / "float.npz")
     (tmp_path / "text.npz").write_text("not a zip")
     with pytest.raises(ValueError, match="not a readable .npz"):
-        fid.open_images(tmp_path / "text.npz")
+        open_images(tmp_path / "text.npz")
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -629,7 +635,7 @@ def test_eval_without_softmax_layer_says_how_to_get_the_inception_score(tmp_path
     monkeypatch.setattr(fid, "load_inception", lambda *args: _Summary(logits=False))
     fid.main(["eval", str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("Inception Score: unavailable") and fid.PYTORCH_FID_URL in first
+    assert first.startswith("Inception Score: unavailable") and inception_weights.PYTORCH_FID_URL in first
 
 
 def _activations_on_two_processes(rank, init_file, images, out):

@@ -16,13 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import data
 import dimr
-import extract_latents
 import sample
-import vae as vae_lib
-from diffusion import dpm_solver_sample
+from diffusion import ode_sample
+from support import checkpoints, data, vae as vae_lib
+from tools import convert, extract_latents
 from release_reference import release_forward, release_state_dict
 
 DATA = Path(__file__).parent / "data"
@@ -320,8 +318,10 @@ def test_extraction_errors(tmp_path):
 
     assert error("--data-path", str(tmp_path / "missing"), "--image-size", "64") == \
         f"error: --data-path {tmp_path / 'missing'}: no such directory"
-    assert "--image-size must be a positive multiple of 8" in error("--data-path", str(tmp_path),
-                                                                    "--image-size", "60")
+    assert error("--data-path", str(tmp_path), "--image-size", "60") \
+        == "error: --image-size must be a multiple of 8, got 60"
+    assert error("--data-path", str(tmp_path), "--image-size", "0") \
+        == "error: argument --image-size: must be an integer >= 8, got 0"
     (tmp_path / "empty_class").mkdir()
     assert error("--data-path", str(tmp_path), "--image-size", "64").startswith("error: no images")
 
@@ -341,7 +341,7 @@ def test_extraction_training_sampling_decoding(extracted, tiny_vae_dir, tmp_path
     finally:
         torch.set_num_threads(threads)  # train.py sets it for the whole process
     ckpt = sorted((tmp_path / "runs").glob("*/checkpoints/ckpt_*.pt"))[-1]
-    model, _ = dimr.load_model(ckpt)
+    model, _ = checkpoints.load_model(ckpt)
     assert (model.config.in_channels, model.config.input_size, model.config.num_classes) \
         == (4, 8, 2)
     sample.main([str(ckpt), "--out", str(tmp_path / "s"), "--num-images", "3", "--classes", "0,1",
@@ -365,7 +365,7 @@ def test_release_checkpoint_converts_and_samples_with_no_further_flags(tmp_path,
     sd = release_state_dict(in_ch=4, num_classes=3, patch=2, grid=4, blocks=(3, 3), widths=(32, 16),
                             dtype=torch.float32, generator=g)
     torch.save(sd, tmp_path / "release.pth")
-    dimr.main(["convert", str(tmp_path / "release.pth"), str(tmp_path / "ours.pt"), "--heads", "2"])
+    convert.main([str(tmp_path / "release.pth"), str(tmp_path / "ours.pt"), "--heads", "2"])
     sample.main([str(tmp_path / "ours.pt"), "--out", str(tmp_path / "s"), "--num-images", "2",
                  "--classes", "2,0", "--seed", "11", "--steps", "3", "--vae", str(tiny_vae_dir),
                  "--no-png"])
@@ -383,7 +383,7 @@ def test_release_checkpoint_converts_and_samples_with_no_further_flags(tmp_path,
     x_T = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(seed))
                        for seed in (11, 12)])
     with torch.no_grad():
-        z = dpm_solver_sample(eps_fn, x_T, 3)
+        z = ode_sample(eps_fn, x_T, 3)
         x = reference_vae(tiny_vae_dir).decode(z / SCALE).sample.numpy().astype(np.float64)
     expected = np.clip(np.floor(127.5 * x + 128.0), 0, 255).transpose(0, 2, 3, 1)
     assert np.abs(images - expected).max() <= 1 and (images == expected).mean() > 0.99

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
+from support import checkpoints, images
 import dimr
 import sample
-from diffusion import dpm_solver_sample
+from diffusion import ode_sample
 from util import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def test_to_uint8_rounds_and_clips_like_the_adm_conversion():
 
 
 @pytest.mark.parametrize("method,order,skip", [("singlestep", 3, "time_uniform"),
-                                               ("multistep", 2, "logSNR"),
-                                               ("multistep", 3, "time_quadratic"),
+                                               ("singlestep", 2, "logSNR"),
+                                               ("unipc", 2, "time_quadratic"),
                                                ("unipc", 3, "logSNR")])
 def test_generate_starts_image_i_from_seed_i(method, order, skip):
     """With eps = 0 the probability-flow ODE maps x_T to x_T * alpha(n=1) / alpha(n=1000) exactly,
@@ -71,8 +71,8 @@ def test_generate_starts_image_i_from_seed_i(method, order, skip):
     alpha_bar = np.cumprod(1 - betas)
     factor = np.sqrt(alpha_bar[0]) / np.sqrt(alpha_bar[-1])
     seeds = [7, 123, 7, 2 ** 40]
-    x = sample.generate(ZeroEps(), [0, 4, 2, 1], seeds, steps=6, method=method, order=order,
-                        skip=skip, batch_size=3)
+    x = sample.generate(ZeroEps(), [0, 4, 2, 1], seeds, steps=6, batch_size=3,
+                        sampler=dict(method=method, order=order, skip=skip))
     for i, s in enumerate(seeds):
         x_T = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s))
         torch.testing.assert_close(x[i], x_T * factor, rtol=1e-5, atol=1e-5)
@@ -86,7 +86,7 @@ def test_ddpm_draws_each_images_step_noise_after_its_x_T():
     alpha_bar = np.cumprod(1 - betas)
     seeds = [5, 9, 5]
     # image 2 in another batch
-    x = sample.generate(ZeroEps(), [0, 1, 2], seeds, method="ddpm", batch_size=2)
+    x = sample.generate(ZeroEps(), [0, 1, 2], seeds, sampler="ddpm", batch_size=2)
     for i, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
         ref = torch.randn(3, 4, 4, generator=g).double()
@@ -156,7 +156,7 @@ def test_npz_has_the_adm_layout(tmp_path):
     # part files are memory-mapped in sample.py
     parts[2] = np.load(tmp_path / "p.npy", mmap_mode="r")
     labels = np.array([5, 1, 0, 2, 2, 9, 3])
-    sample.write_npz(tmp_path / "s.npz", parts, labels)
+    images.write_npz(tmp_path / "s.npz", parts, labels)
     with np.load(tmp_path / "s.npz") as f:
         assert sorted(f.files) == ["arr_0", "labels"]
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (7, 6, 6, 3)
@@ -198,7 +198,7 @@ def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10, solver
         return eps_c + s * (eps_c - eps_u)
 
     with torch.no_grad():
-        x = dpm_solver_sample(eps_fn, x_T, steps, **(solver or {})).double().numpy()  # (N, 1, 8, 8)
+        x = ode_sample(eps_fn, x_T, steps, **(solver or {})).double().numpy()  # (N, 1, 8, 8)
     pixels = np.clip(np.floor(127.5 * x + 128.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     return np.repeat(pixels, 3, axis=3)
 
@@ -343,13 +343,18 @@ def test_bad_input_gets_one_line_errors(tmp_path):
     assert run_error([str(tmp_path / "junk.pt"), *out]).startswith("error: cannot read checkpoint")
     assert run_error([str(ckpt), "--classes", "3,10", *out]) == \
         "error: class ids [10] out of range 0..9 (this model has 10 classes)"
-    assert "--num-images must be >= 1" in run_error([str(ckpt), "--num-images", "0", *out])
+    assert run_error([str(ckpt), "--num-images", "0", *out]) \
+        == "error: argument --num-images: must be an integer >= 1, got 0"
     assert "--steps must be >= 3" in run_error([str(ckpt), "--steps", "2", "--order", "3", *out])
     assert "--steps must be >= 2" in run_error([str(ckpt), "--steps", "1", *out])  # default order 2
     with pytest.raises(ValueError, match="unknown method 'ddim'"):
-        sample.generate(tiny_model(0), [1], [0], method="ddim")
-    assert "--cfg-scale must be >= 0" in run_error([str(ckpt), "--cfg-scale", "-1", *out])
-    assert "--decay-power must be > 0" in run_error([str(ckpt), "--decay-power", "0", *out])
+        sample.generate(tiny_model(0), [1], [0], sampler=dict(method="ddim"))
+    for bad in ("-1", "nan", "inf"):  # checked before anything is written
+        assert run_error([str(ckpt), "--cfg-scale", bad, *out]) \
+            == f"error: argument --cfg-scale: must be a finite number >= 0, got {bad}"
+    assert run_error([str(ckpt), "--decay-power", "0", *out]) \
+        == "error: argument --decay-power: must be a finite number > 0, got 0"
+    assert not (tmp_path / "o").exists()
     for msg in (run_error([str(tmp_path / "missing.pt"), *out]),
                 run_error([str(ckpt), "--classes", "1-x", *out])):
         assert "\n" not in msg

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from support import checkpoints
 import diffusion
 import dimr
-import sampler_error
+from tools import sampler_error
 from test_diffusion import alpha, sigma
 
 
@@ -32,7 +32,7 @@ def test_gaussian_solution_is_the_closed_form():
     eps = sigma(t) * (x_ - alpha(t) * mu_) / (alpha(t) ** 2 * s_ ** 2 + sigma(t) ** 2)
     np.testing.assert_allclose(eps_fn(x_T, n).numpy(), eps, rtol=1e-10, atol=1e-12)
     # and the samplers converge to it
-    assert sampler_error.rms(diffusion.dpm_solver_sample(eps_fn, x_T, 200), solution) < 1e-6
+    assert sampler_error.rms(diffusion.ode_sample(eps_fn, x_T, 200), solution) < 1e-6
 
 
 def test_checkpoint_table_is_the_distance_to_the_converged_solution(tmp_path, capsys):
@@ -51,10 +51,10 @@ def test_checkpoint_table_is_the_distance_to_the_converged_solution(tmp_path, ca
     y = torch.arange(4) % 10
     with torch.no_grad():
         eps_fn = diffusion.guided_eps_fn(model, y, 1.0, 10)
-        solution = diffusion.dpm_solver_sample(eps_fn, x_T, 40)
+        solution = diffusion.ode_sample(eps_fn, x_T, 40)
         for name, solver in (("release (its dpm_solver.py 'fast')", diffusion.RELEASE_SAMPLER),
                              ("**default**", {})):
-            expected = [torch.sqrt(torch.mean((diffusion.dpm_solver_sample(eps_fn, x_T, n, **solver)
+            expected = [torch.sqrt(torch.mean((diffusion.ode_sample(eps_fn, x_T, n, **solver)
                                                - solution) ** 2)).item() for n in (3, 6)]
             np.testing.assert_allclose(rows[name], expected, rtol=0.01)
 

@@ -1,16 +1,16 @@
 """Speed and memory of DiMR, measured: training and sampling throughput, TFLOP/s, MFU, peak memory.
 
-    python bench.py --variant s                                  # the demo variant, CPU: seconds
-    python bench.py --variant xl --batch 32 64 --precision bf16  # a GPU
-    python bench.py --variant xl --arch depths=5,5 widths=256,128 num_heads=4   # a smaller model
+    python -m tools.bench --variant s                                  # the demo variant, CPU
+    python -m tools.bench --variant xl --batch 32 64 --precision bf16  # a GPU
+    python -m tools.bench --variant xl --arch depths=5,5 widths=256,128 num_heads=4   # smaller
 
 Training: train.train_step, the step train.py runs (forward, multi-scale loss, backward, AdamW,
 EMA), on a synthetic micro-batch of the model's input shape; --warmup steps are excluded and
 --steps are timed. Sampling: sample.generate with its default sampler at --sample-steps model
 evaluations, with guidance (the conditional and null-class halves in one batch of 2x the images).
 
-FLOPs are counted as in the README's cost table: 2 FLOPs per multiply-accumulate, the MACs of one
-forward pass from `dimr.count` (batch 1, the figure `python dimr.py` prints), and a training
+FLOPs are counted as in the README's cost estimate: 2 FLOPs per multiply-accumulate, the MACs of one
+forward pass from `tools.count.count` (batch 1, the figure `python -m tools.count` prints), and a training
 image costs 3 forward passes (forward, backward = 2 forwards), 4 with gradient checkpointing (the
 forward is recomputed). MFU is the achieved training TFLOP/s over --peak-tflops, by default the
 card's bf16 dense peak when its name is in PEAK_TFLOPS. Peak memory: on CUDA the most the
@@ -21,7 +21,6 @@ One markdown table row per configuration: every combination of --batch and --pre
 """
 import argparse
 import dataclasses
-import os
 import resource
 import time
 
@@ -29,9 +28,11 @@ import torch
 
 import diffusion
 import dimr
-import distributed
 import sample
 import train
+from support import distributed
+from support.cli import Parser, number, parse_overrides
+from tools.count import count
 
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense, per the data sheets
 FORWARDS_PER_TRAINING_IMAGE = 3       # forward + backward (= 2 forward passes)
@@ -116,8 +117,10 @@ def measure(args, model_cfg, recipe, macs, device, batch, precision):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    state = train.new_state(model_cfg, dataclasses.replace(recipe, seed=args.seed), device,
-                            precision)
+    kernel = recipe.cpu_conv_kernel if args.cpu_conv_kernel is None else args.cpu_conv_kernel
+    state = train.new_state(model_cfg, dataclasses.replace(recipe, seed=args.seed,
+                                                           cpu_conv_kernel=kernel),
+                            device, precision)
     state.model.set_grad_checkpointing(args.grad_checkpointing)
     net = torch.compile(state.model) if args.compile else state.model
     amp_dtype = sample.PRECISIONS[precision]
@@ -152,61 +155,52 @@ def device_name(device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Measure DiMR's training and sampling speed and memory; one markdown table "
-                    "row per combination of --batch and --precision.")
+    p = Parser(description="Measure DiMR's training and sampling speed and memory; one markdown "
+                           "table row per combination of --batch and --precision.")
     p.add_argument("--variant", choices=dimr.VARIANT_CHOICES, default="s", metavar="NAME",
                    help=f"{', '.join(dimr.ALIASES)} or the full name (default s)")
     p.add_argument("--arch", nargs="+", default=(), metavar="KEY=VALUE",
                    help="overrides of the variant, as train.py --arch: e.g. widths=256,128")
-    p.add_argument("--batch", type=int, nargs="+", default=[32],
+    p.add_argument("--batch", type=number(int, 1), nargs="+", default=[32],
                    help="micro-batches (images per forward pass) to measure (default 32)")
     p.add_argument("--precision", nargs="+", default=["auto"],
                    choices=("auto", *sample.PRECISIONS),
                    help="autocast precisions to measure; auto: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute each block in the backward pass (default off)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model (default off)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
-    p.add_argument("--sample-steps", type=int, default=sample.DEFAULT_STEPS,
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cpu-conv-kernel", action=argparse.BooleanOptionalAction, default=None,
+                   help="the CPU depthwise-convolution kernel (support/cpu_conv.py; default: as "
+                        "the variant's recipe in train.py, on for the demo variant s)")
+    p.add_argument("--warmup", type=number(int, 0), default=3,
+                   help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=number(int, 1), default=10,
+                   help="timed training steps (default 10)")
+    p.add_argument("--sample-steps", type=number(int, 0), default=sample.DEFAULT_STEPS,
                    help=f"sampler evaluations, 0: no sampling (default {sample.DEFAULT_STEPS})")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=number(float, above=0), default=None,
                    help="the device's peak for MFU (default: bf16 dense of a known card: "
                         + ", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS.items()) + ")")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default OMP_NUM_THREADS if set, else all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads (default torch's: OMP_NUM_THREADS, else the cores)")
+    p.add_argument("--seed", type=number(int, 0), default=0)
     return p
 
 
-def check_args(args):
-    problems = [f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(args, k)}"
-                for k, lo in (("warmup", 0), ("steps", 1), ("sample_steps", 0), ("threads", 1))
-                if getattr(args, k) is not None and getattr(args, k) < lo]
-    problems += [f"--batch must be >= 1, got {b}" for b in args.batch if b < 1]
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        problems.append(f"--peak-tflops must be > 0, got {args.peak_tflops}")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def run(args):
-    check_args(args)
     device = distributed.init()
-    if args.threads or (device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ):
-        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    distributed.set_threads(args.threads)
     if device.type == "cuda":  # as train.py: TF32 matmuls for the fp32 parts
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = dimr.ALIASES.get(args.variant, args.variant)
-    model_cfg = dimr.get_config(name, **train.parse_arch(args.arch))
+    model_cfg = dimr.get_config(name, **parse_overrides(args.arch, dimr.DiMRConfig,
+                                                        train.ARCH_KEYS))
     recipe = train.RECIPES[name]
-    macs = sum(row[2] for row in dimr.count(model_cfg))
+    macs = sum(row[2] for row in count(model_cfg))
     forwards = forward_passes_per_training_image(args.grad_checkpointing)
-    print(f"{name} {model_cfg}: {macs / 1e9:.6g} GMACs per forward pass (dimr.count, batch 1); "
-          f"a training image = 2 FLOPs/MAC x {forwards} forward passes (README, cost estimate)",
-          flush=True)
+    print(f"{name} {model_cfg}: {macs / 1e9:.6g} GMACs per forward pass (tools/count.py, batch "
+          f"1); a training image = 2 FLOPs/MAC x {forwards} forward passes (README, cost "
+          "estimate)", flush=True)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
     for precision in args.precision:
         for batch in args.batch:

@@ -6,17 +6,17 @@ space of the Stable Diffusion KL-f8 VAE (vae.py), as in LDM, DiT and U-ViT. Prep
 the release: ADM's center crop (data.center_crop_arr) to --image-size, and every image is stored
 twice, as is and horizontally flipped, so training needs no flip of its own.
 
-Output: a directory of shards in the latent format data.py reads: SHARD_NAME.format(k) holds the
+Output: a directory of shards in the latent format support/data.py reads: SHARD_NAME.format(k) holds the
 images k*S .. (k+1)*S - 1 of the folder (classes and files in sorted order, S = --shard-size) as
 LATENTS_KEY float [2S, 4, size/8, size/8] (already multiplied by vae.LATENT_SCALE; rows 2i and
 2i + 1 are image i and its flip) and LABELS_KEY int64 [2S]; plus classes.txt (class id = line).
 
-    torchrun --nproc_per_node=8 extract_latents.py --data-path IMAGENET/train --image-size 256 \
+    torchrun --nproc_per_node=8 -m tools.extract_latents --data-path IMAGENET/train --image-size 256 \
         --out latents/in256 --vae stabilityai/sd-vae-ft-ema --npy latents/in256.npy
 
 Process r encodes shards r, r + W, r + 2W, ...; each shard is written atomically (temporary file +
 rename) and shards that exist are skipped, so an interrupted run resumes by running it again.
---npy finally concatenates the shards into one .npy (+ _labels.npy) that data.py memory-maps;
+--npy finally concatenates the shards into one .npy (+ _labels.npy) that train.py memory-maps;
 rank 0 does that alone while the other processes exit.
 """
 import argparse
@@ -26,11 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import checkpoints
-import data
-import distributed
-import vae as vae_lib
-from progress import Progress
+from support import checkpoints, data, distributed, vae as vae_lib
+from support.cli import Parser, number
+from support.progress import Progress
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -51,7 +49,7 @@ def encode_shard(vae, samples, image_size, batch_size, workers, dtype, progress=
     loader = DataLoader(data.ImageFolderDataset(samples, image_size), batch_size=batch_size,
                         num_workers=workers, shuffle=False)
     latents, labels = [], []
-    for x, y in loader:                                                    # (B, 3, S, S) in [-1, 1]
+    for x, y in batches(loader):                                           # (B, 3, S, S) in [-1, 1]
         z = vae_lib.encode(vae, torch.cat([x, x.flip(3)]))                 # (2B, 4, S/8, S/8)
         z, z_flip = z.float().cpu().chunk(2)
         latents.append(torch.stack([z, z_flip], dim=1).flatten(0, 1).numpy().astype(dtype))
@@ -59,6 +57,23 @@ def encode_shard(vae, samples, image_size, batch_size, workers, dtype, progress=
         if progress:
             progress.update(len(y))
     return np.concatenate(latents), np.concatenate(labels).astype(np.int64)
+
+
+def batches(loader):
+    """The loader's batches; a bad image ends the run with one line naming it (data.worker_error)
+    on whichever process meets it, after the workers are shut down."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:  # torch re-raises a worker's error with the worker's traceback
+            error = distributed.RankError(data.worker_error(e))
+            break
+        yield batch
+    del iterator
+    raise error
 
 
 def merge_to_npy(shard_paths, out_npy):
@@ -90,48 +105,46 @@ def merge_to_npy(shard_paths, out_npy):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Encode a class-per-folder image directory (ImageNet train layout) into "
                     "shards of Stable Diffusion VAE latents, each image and its horizontal flip, "
                     "for train.py. Multi-process with torchrun; resumable (existing shards are "
                     "skipped).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-path", required=True, help="image folder with one sub-folder per class")
-    p.add_argument("--image-size", type=int, required=True,
+    p.add_argument("--image-size", type=number(int, vae_lib.DOWNSAMPLE), required=True,
                    help="ADM center crop size in pixels (256 or 512 in the paper); the latents "
                         "are size/8 on a side")
     p.add_argument("--out", required=True, help="output directory of shard_NNNNN.npz")
     p.add_argument("--vae", default=vae_lib.DEFAULT_VAE,
                    help="diffusers AutoencoderKL directory or hub name")
-    p.add_argument("--shard-size", type=int, default=10000,
+    p.add_argument("--shard-size", type=number(int, 1), default=10000,
                    help="source images per shard (each shard stores 2x as many latents, with the "
                         "flips)")
-    p.add_argument("--batch-size", type=int, default=64,
+    p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="images per VAE forward pass (per process; the flips double it)")
-    p.add_argument("--workers", type=int, default=8,
+    p.add_argument("--workers", type=number(int, 0), default=8,
                    help="image decoding worker processes per process")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16",
                    help="storage type; float16 rounds by at most 2^-11 relative, far below the "
                         "noise std sqrt(beta_1) = 0.029 of the smallest diffusion step")
     p.add_argument("--npy", default=None,
                    help="after all shards exist, also write them as one memory-mappable NPY (and "
-                        "NPY's _labels.npy), which data.py reads without loading it into each "
+                        "NPY's _labels.npy), which train.py reads without loading it into each "
                         "process's memory")
+    p.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads per process (default torch's: OMP_NUM_THREADS, else the cores)")
     return p
 
 
 def run(args):
-    for flag, v in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
-        if v < 1:
-            raise ValueError(f"{flag} must be >= 1, got {v}")
-    if args.image_size < vae_lib.DOWNSAMPLE or args.image_size % vae_lib.DOWNSAMPLE:
-        raise ValueError(f"--image-size must be a positive multiple of {vae_lib.DOWNSAMPLE}, "
+    if args.image_size % vae_lib.DOWNSAMPLE:
+        raise ValueError(f"--image-size must be a multiple of {vae_lib.DOWNSAMPLE}, "
                          f"got {args.image_size}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     if not Path(args.data_path).is_dir():
         raise FileNotFoundError(f"--data-path {args.data_path}: no such directory")
     device = distributed.init()
+    distributed.set_threads(args.threads)
     rank, world = distributed.rank(), distributed.world_size()
     folder = data.image_folder(args.data_path, args.image_size)
     samples = folder.dataset.samples

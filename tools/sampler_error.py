@@ -1,8 +1,8 @@
-"""How accurately does each sampler solve the probability-flow ODE? (README, "Sampler accuracy")
+"""How accurately does each sampler solve the probability-flow ODE? (docs/samplers.md)
 
-    python sampler_error.py gaussian                      # exact solution in closed form
-    python sampler_error.py checkpoint CKPT --cfg-scale 1 # trained model: a converged solution
-    python sampler_error.py checkpoint CKPT --rows release default --evals 10 12 50 250
+    python -m tools.sampler_error gaussian                      # exact solution in closed form
+    python -m tools.sampler_error checkpoint CKPT --cfg-scale 1 # trained model: converged solution
+    python -m tools.sampler_error checkpoint CKPT --rows release default --evals 10 12 50 250
 
 Both print a markdown table: the RMS distance, over all samples and dimensions, between the
 sampler's x at n = 1 and the ODE's solution from the same x_T, per number of model evaluations.
@@ -16,24 +16,24 @@ sampler's x at n = 1 and the ODE's solution from the same x_T, per number of mod
   far that reference moved from half as many (it must be well below the errors it measures).
 """
 import argparse
+import json
 
 import torch
 
-import dimr
-import distributed
-from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHODS, NUM_TIMESTEPS,
-                       ORDERS, RELEASE_SAMPLER, SPACINGS, VARIANTS, DiscreteSchedule,
-                       dpm_solver_sample, guided_eps_fn, sampler_name)
+from diffusion import (B_H, DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHODS, NUM_TIMESTEPS,
+                       ORDERS, RELEASE_SAMPLER, SPACINGS, DiscreteSchedule, guided_eps_fn,
+                       ode_sample, sampler_name)
+from support import checkpoints, distributed
+from support.cli import Parser, number
 
 # The named rows (--rows): the release's sampler, DPM-Solver++ (singlestep 3 was the default before
-# UniPC), the UniPC candidates, and the default (dpm_solver_sample's, which depends on the steps).
+# UniPC), the UniPC candidates, and the default (ode_sample's, which depends on the steps).
 ROWS = {"release": ("release (its dpm_solver.py 'fast')", RELEASE_SAMPLER),
         "dpm-3s": ("DPM-Solver++(3S)", dict(method="singlestep", order=3, skip="logSNR")),
-        "dpm-3m": ("DPM-Solver++(3M)", dict(method="multistep", order=3, skip="logSNR")),
-        **{f"unipc-{o}-{v}{'-lof' * lof}": (f"UniPC-{o} {v}{', lower-order final' * lof}",
-                                            dict(method="unipc", order=o, skip="logSNR", variant=v,
-                                                 lower_order_final=lof))
-           for v in VARIANTS for o in (2, 3) for lof in (False, True)},
+        **{f"unipc-{o}-{bh}{'-lof' * lof}": (f"UniPC-{o} {bh}{', lower-order final' * lof}",
+                                             dict(method="unipc", order=o, skip="logSNR", bh=bh,
+                                                  lower_order_final=lof))
+           for bh in B_H for o in (2, 3) for lof in (False, True)},
         "default": ("**default**", {})}
 
 
@@ -80,70 +80,84 @@ def gaussian_solution(mu, s, x_T):
     return eps_fn, m_0 + sd_0 * (x_T - m_T) / sd_T
 
 
-def print_table(rows, evals, eps_fn, x_T, solution):
+def table(rows, evals, eps_fn, x_T, solution):
+    """Print the markdown table row by row; return {row name: [error per evaluation count]}."""
     print(f"| sampler \\ evaluations | {' | '.join(str(e) for e in evals)} |")
     print(f"|---|{'---|' * len(evals)}")
+    errors = {}
     for name, solver in rows:
-        errors = [rms(dpm_solver_sample(eps_fn, x_T, e, **solver), solution) for e in evals]
-        print(f"| {name} | {' | '.join(f'{err:.2e}' for err in errors)} |", flush=True)
+        errors[name] = [rms(ode_sample(eps_fn, x_T, e, **solver), solution) for e in evals]
+        print(f"| {name} | {' | '.join(f'{err:.2e}' for err in errors[name])} |", flush=True)
+    return errors
 
 
 def main(argv=None):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--evals", type=int, nargs="+", default=[10, 20, 50, 100],
+    common.add_argument("--evals", type=number(int, max(ORDERS)), nargs="+",
+                        default=[10, 20, 50, 100],
                         help="numbers of model evaluations (the table's columns)")
-    common.add_argument("--seed", type=int, default=0, help="seed of x_T (and of mu for gaussian)")
+    common.add_argument("--seed", type=number(int, 0), default=0,
+                        help="seed of x_T (and of mu for gaussian)")
     common.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                         help=f"the named rows to measure (default all): {', '.join(ROWS)}")
     common.add_argument("--all", action="store_true",
-                        help="also every method x order x spacing (x UniPC variant)")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+                        help="also every method x order x spacing (x UniPC B(h))")
+    common.add_argument("--json", default=None,
+                        help="also write the table as JSON (docs/data/, for tools/figures.py)")
+    common.add_argument("--threads", type=number(int, 1), default=None,
+                        help="CPU threads (default torch's: OMP_NUM_THREADS, else the cores)")
+    p = Parser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gaussian", parents=[common],
                        help="Gaussian data: the exact solution is known")
     g.add_argument("--spectrum", choices=["image", "two-scale"], default="image",
                    help="'image': s from a natural-image-like spectrum; 'two-scale': s = 0.5 and 2")
-    g.add_argument("--side", type=int, default=32, help="grid side; the data has side^2 dimensions")
-    g.add_argument("--batch", type=int, default=32, help="number of samples x_T")
+    g.add_argument("--side", type=number(int, 1), default=32,
+                   help="grid side; the data has side^2 dimensions")
+    g.add_argument("--batch", type=number(int, 1), default=32, help="number of samples x_T")
     c = sub.add_parser("checkpoint", parents=[common],
                        help="a trained model: against a converged solution")
     c.add_argument("checkpoint",
-                   help="train.py checkpoint (EMA weights) or `dimr.py convert` output")
-    c.add_argument("--num-images", type=int, default=40, help="samples x_T (seeds 0..N-1)")
-    c.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="train.py checkpoint (EMA weights) or tools/convert.py output")
+    c.add_argument("--num-images", type=number(int, 1), default=40,
+                   help="samples x_T (seeds 0..N-1)")
+    c.add_argument("--cfg-scale", type=number(float, 0), default=1.0,
                    help="guidance s, as sample.py (eps_c + s (eps_c - eps_u)); 0 = none")
-    c.add_argument("--reference-steps", type=int, default=1000,
+    c.add_argument("--reference-steps", type=number(int, 2 * max(ORDERS)), default=1000,
                    help="evaluations of the default sampler for the converged solution")
     args = p.parse_args(argv)
     distributed.run_main(lambda: run(args))
 
 
 def run(args):
-    if min(args.evals) < max(ORDERS):
-        raise ValueError(f"every --evals must be >= {max(ORDERS)}")
-    every = [dict(method=m, order=o, skip=s, variant=v, lower_order_final=False)
+    distributed.set_threads(args.threads)
+    every = [dict(method=m, order=o, skip=s, bh=bh, lower_order_final=False)
              for m in METHODS for o in ORDERS for s in SPACINGS
-             for v in (VARIANTS if m == "unipc" else VARIANTS[:1])]
+             for bh in (B_H if m == "unipc" else B_H[:1])]
     rows = [ROWS[key] for key in args.rows] + [(sampler_name(x), x) for x in every] * args.all
     print(f"release = {sampler_name(RELEASE_SAMPLER)}; default = "
           f"{sampler_name(DEFAULT_SAMPLER)}, below {FEW_STEPS} evaluations "
           f"{sampler_name(FEW_STEPS_SAMPLER)}")
+    record = {k: v for k, v in vars(args).items() if k not in ("json", "threads")}
     if args.command == "gaussian":
         mu, s, x_T = gaussian_problem(args.spectrum, args.side, args.batch, args.seed)
         eps_fn, solution = gaussian_solution(mu, s, x_T)
     else:
-        model, _ = dimr.load_model(args.checkpoint)
+        model, _ = checkpoints.load_model(args.checkpoint)
         cfg = model.config
         y = torch.arange(args.num_images) % cfg.num_classes
         g = torch.Generator().manual_seed(args.seed)
         x_T = torch.randn(args.num_images, cfg.in_channels, cfg.input_size, cfg.input_size,
                           generator=g)
         eps_fn = torch.no_grad()(guided_eps_fn(model, y, args.cfg_scale, cfg.num_classes))
-        solution = dpm_solver_sample(eps_fn, x_T, args.reference_steps)
-        half = dpm_solver_sample(eps_fn, x_T, args.reference_steps // 2)
+        solution = ode_sample(eps_fn, x_T, args.reference_steps)
+        half = ode_sample(eps_fn, x_T, args.reference_steps // 2)
+        record["reference_change"] = rms(solution, half)
         print(f"reference: default sampler at {args.reference_steps} evaluations; RMS change "
-              f"from {args.reference_steps // 2}: {rms(solution, half):.1e}")
-    print_table(rows, args.evals, eps_fn, x_T, solution)
+              f"from {args.reference_steps // 2}: {record['reference_change']:.1e}")
+    record["errors"] = table(rows, args.evals, eps_fn, x_T, solution)
+    if args.json:
+        checkpoints.write_text(args.json, json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ XL/3R are trained on the latents of the Stable Diffusion VAE, a KL-regularised a
 downsampling factor 8 and 4 latent channels (256x256x3 -> 32x32x4), scaled by 0.18215 so that
 the latents have roughly unit variance. This module is the one place that knows about the VAE:
 the latent scale, loading it through `diffusers` (an optional extra, imported only here, only
-when needed), encoding (extract_latents.py) and decoding (sample.py).
+when needed), encoding (tools/extract_latents.py) and decoding (sample.py).
 
 Which weights: the release decodes with U-ViT's `autoencoder_kl_ema.pth` (and extracts its
 training latents with `autoencoder_kl.pth`), Stable Diffusion autoencoders stored with LDM's
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
+from support import checkpoints
 
 LATENT_SCALE = 0.18215  # latents = scale * posterior mean (LDM's scale factor for this VAE)
 LATENT_CHANNELS = 4  # a DiMR config with 4 input channels is a latent model
@@ -170,5 +170,7 @@ def encode(vae, images, chunk=VAE_CHUNK):
 def decode(vae, latents, chunk=VAE_CHUNK):
     """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1] (not clipped),
     `chunk` latents per call."""
+    if vae is None:
+        raise ValueError("this is a latent model: pass a VAE (vae.load_vae) to decode its samples")
     return torch.cat([vae.decode(z.to(vae.device, vae.dtype) / LATENT_SCALE).sample
                       for z in latents.split(chunk)])

@@ -4,6 +4,11 @@ torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (also a
 without them we run as a single process and every collective below is a no-op.
 Backend: NCCL on CUDA, gloo on CPU. The collective timeout is an hour, not NCCL's 10 minutes:
 rank 0 alone writes multi-GB checkpoints and sample files while the other ranks wait for it.
+
+Threads, one rule for every entry point (`set_threads`): --threads N if given, else torch's
+default, which is OMP_NUM_THREADS where it is set (torchrun sets 1 per process) and the number of
+cores otherwise. Never the machine's momentary load: a float sum split over another number of
+threads rounds differently, so a run resumed with another count drifts in the last digits.
 """
 import datetime
 import os
@@ -27,6 +32,13 @@ def init():
             dist.init_process_group("gloo", timeout=TIMEOUT)
     return (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
             else torch.device("cpu"))
+
+
+def set_threads(threads=None):
+    """--threads, or torch's default (see above); returns the count in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def rank():
@@ -76,16 +88,29 @@ def gather_rows(x):
     return torch.cat([p[:n] for p, n in zip(parts, sizes.tolist())])
 
 
+class RankError(ValueError):
+    """An error that one process meets alone (a bad file in its share of the data): whichever
+    process raises it prints it, not only rank 0."""
+
+
 def run_main(fn):
-    """Run an entry point's work: errors a user can act on (bad input, missing files, NaN) end it
-    with one line `error: ...` from rank 0 and exit status 1; the other ranks exit silently."""
+    """Run an entry point's work: errors a user can act on (bad input, missing files, a full disk,
+    NaN) end it with one line `error: ...` and exit status 1. The processes all meet those errors
+    together, so rank 0 alone prints them, except a RankError, which its process prints. A process
+    whose peer has died (a collective fails) exits without a traceback of its own."""
     try:
         fn()
         shutdown(wait=True)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
-        main_rank = is_main()
+        prints = is_main() or isinstance(e, RankError)
+        where = f" (rank {rank()})" if isinstance(e, RankError) and world_size() > 1 else ""
         shutdown()
-        sys.exit(f"error: {e}" if main_rank else 1)
+        sys.exit(f"error{where}: {e}" if prints else 1)
+    except dist.DistError as e:
+        prints = is_main()
+        shutdown()
+        sys.exit(f"error: another process failed, see its message ({str(e).splitlines()[0]})"
+                 if prints else 1)
 
 
 def shutdown(wait=False):

@@ -1,0 +1,115 @@
+"""Command-line plumbing shared by the entry points, so that they can read like the method.
+
+- `Parser`: argparse whose errors are one line, `error: argument --steps: must be >= 1, got 0`,
+  with exit status 1, like every other bad input (distributed.run_main).
+- `number`: an argparse `type` that accepts finite numbers in a range, so that a flag is checked
+  as it is parsed, before any work starts.
+- `add_dataclass_flags` / `check_fields`: flags made from the fields of a dataclass (train.py's
+  TrainConfig), each field with its default, one line of help and, where it has one, its range.
+- `parse_overrides`: `--arch KEY=VALUE` items as typed overrides of a DiMRConfig.
+"""
+import argparse
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import field
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
+def describe(low, high, kind, above=None):
+    lo = f"> {above}" if above is not None else "" if low is None else f">= {low}"
+    hi = "" if high is None else f"< {high}"
+    return ("an integer " if kind is int else "a finite number ") + " and ".join(filter(None, [lo, hi]))
+
+
+def number(kind=float, low=None, high=None, above=None):
+    """argparse type: a finite int or float with low <= value < high, or above < value (each
+    bound optional)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or out_of_range(value, low, high) or (above is not None
+                                                               and value <= above):
+            raise argparse.ArgumentTypeError(f"must be {describe(low, high, kind, above)}, "
+                                             f"got {text}")
+        return value
+    return parse
+
+
+def out_of_range(value, low, high):
+    return (not math.isfinite(value) or (low is not None and value < low)
+            or (high is not None and value >= high))
+
+
+def opt(default, help, low=None, high=None):
+    """A dataclass field with its help and range, for add_dataclass_flags and check_fields."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_fields(obj):
+    """Every field of a dataclass made with `opt` within its range (tuples: each entry)."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if (low is not None or high is not None) and value is not None and any(
+                out_of_range(v, low, high) for v in values):
+            kind = int if all(isinstance(v, int) for v in values) else float
+            problems.append(f"{flag(f.name)} must be {describe(low, high, kind)}, got {value}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def flag_kwargs(f):
+    """argparse keyword arguments for a dataclass field, from its type annotation."""
+    kind = f.type
+    if isinstance(kind, types.UnionType):  # X | None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        return dict(action=argparse.BooleanOptionalAction)
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        return dict(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="X")
+    return dict(type=kind, metavar="X")
+
+
+def add_dataclass_flags(parser, cls, shown=None, **extra):
+    """One flag --field-name per field of `cls`, help '... (default D; demo E)' where `shown`, a
+    second instance, differs. extra: argparse keywords for some fields, by field name."""
+    for f in dataclasses.fields(cls):
+        kwargs = {**flag_kwargs(f), **extra.get(f.name, {})}
+        text, other = f.metadata["help"], getattr(shown, f.name, f.default)
+        if not (f.default is None and "default" in text):  # else the help says what None means
+            text += f" (default {f.default}" + ("" if other == f.default else f"; demo {other}")
+            text += ")"
+        parser.add_argument(flag(f.name), help=text, **kwargs)
+
+
+def parse_overrides(items, cls, keys):
+    """KEY=VALUE items -> {key: value} typed as the fields of `cls` (tuples from 'a,b,c')."""
+    types_ = {f.name: f.type for f in dataclasses.fields(cls)}
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in keys:
+            raise ValueError(f"--arch {item}: expected KEY=VALUE with KEY one of {', '.join(keys)}")
+        try:
+            overrides[key] = (tuple(int(v) for v in value.split(",")) if types_[key] is tuple
+                              else types_[key](value))
+        except ValueError:
+            kind = "integers a,b,..." if types_[key] is tuple else types_[key].__name__
+            raise ValueError(f"--arch {item}: {key} must be {kind}") from None
+    return overrides
