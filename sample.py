@@ -30,7 +30,7 @@ import diffusion
 from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, ORDERS, RELEASE_SAMPLER,
                        SPACINGS, B_H, ddpm_sample, ode_sample, sampler_settings)
 from support import checkpoints, distributed, images as image_files, vae as vae_lib
-from support.cli import Parser, number
+from support.cli import Parser, add_threads_flag, number
 from support.progress import Progress
 
 # s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
@@ -247,8 +247,7 @@ def build_parser():
                    help="latent models only: the release's autoencoder_kl_ema.pth, a diffusers "
                         "AutoencoderKL directory or a hub name")
     p.add_argument("--no-png", action="store_true", help="do not write images/NNNNNN.png")
-    p.add_argument("--threads", type=number(int, 1), default=None,
-                   help="CPU threads per process (default torch's: OMP_NUM_THREADS, else the cores)")
+    add_threads_flag(p)
     return p
 
 

@@ -43,7 +43,7 @@ import diffusion
 import dimr
 import fid
 import sample
-from support import checkpoints, cpu_conv, data as data_lib, distributed, vae as vae_lib
+from support import checkpoints, data as data_lib, depthwise, distributed, vae as vae_lib
 from support.cli import Parser, add_dataclass_flags, check_fields, flag, opt, parse_overrides
 from support.progress import format_seconds
 from support.run_folder import RunFolder, find_checkpoint
@@ -85,7 +85,7 @@ class TrainConfig:
     grad_checkpointing: bool = opt(True, "recompute each block in the backward pass")
     compile: bool = opt(False, "torch.compile the model")
     cpu_conv_kernel: bool = opt(False, "CPU only: the depthwise convolutions with a faster "
-                                       "backward (support/cpu_conv.py)")
+                                       "backward (support/depthwise.py)")
     steps: int = opt(1_000_000, "optimizer steps of the run", 1)
     minutes: float | None = opt(None, "stop training after this many minutes of this invocation",
                                 0)
@@ -108,7 +108,8 @@ class TrainConfig:
     eval_images: int = opt(200, "samples of the data's own final evaluation, where it has one "
                                 "(digits: class accuracy); 0: none", 0)
     vae: str = opt(vae_lib.DEFAULT_VAE, "latent data: the VAE that decodes samples (vae.load_vae)")
-    workers: int = opt(8, "DataLoader worker processes per process for image folders", 0)
+    workers: int = opt(8, "DataLoader worker processes per process that decode an image folder",
+                       0)
     threads: int | None = opt(None, "CPU threads per process (default torch's: OMP_NUM_THREADS, "
                                     "as torchrun sets it, else the cores)", 1)
 
@@ -202,16 +203,11 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-def loss_weights(num_branches, multiscale):
-    """alpha_r of the multi-scale loss, or only the full-resolution branch's term (Table 5)."""
-    return diffusion.loss_weights(num_branches) if multiscale else [0.0] * (num_branches - 1) + [1.0]
-
-
 def train_step(net, state, batches, schedule, cfg, amp_dtype):
     """One optimizer step over this process's micro-batches. Returns, on the device, the mean
     loss, its per-branch terms and the gradient norm: (2 + R,)."""
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
-    weights = loss_weights(model.config.num_branches, cfg.multiscale_loss)
+    weights = diffusion.loss_weights(model.config.num_branches, cfg.multiscale_loss)
     accum, losses = len(batches), 0.0
     for k, b in enumerate(batches):
         y = torch.where(b.drop, model.config.num_classes, b.y)    # class dropout: the null class
@@ -397,14 +393,12 @@ class GlobalBatches:
 
     def next_micro_batch(self):
         """The loader's next micro-batch. An error of the data (a bad file) ends the run with its
-        own one-line message, on whichever process meets it, and the workers are shut down at
-        once: they ignore SIGTERM, so left to the interpreter's exit they would hang it."""
+        own one-line message, on whichever process meets it (distributed.run_main then stops the
+        workers, which ignore SIGTERM)."""
         try:
             return next(self.loader)
         except Exception as e:  # in a worker, torch wraps it: the message's last line is ours
-            error = distributed.RankError(data_lib.worker_error(e))
-        self.loader = None  # the iterator shuts its workers down as it goes
-        raise error
+            raise distributed.RankError(data_lib.worker_error(e)) from None
 
 
 def ignore_signals(worker_id):
@@ -499,7 +493,7 @@ def setup(cfg, ckpt, ckpt_path):
     run = Run(cfg=cfg, device=device, data=data, model_cfg=model_cfg, state=state,
               net=wrap(state.model, cfg, device),
               batches=GlobalBatches(data, cfg.batch_size, micro, state.step, state.generator,
-                                    cfg.class_dropout, cfg.seed, cfg.workers if data.flip else 0),
+                                    cfg.class_dropout, cfg.seed, workers_for(data, cfg.workers)),
               amp_dtype=sample.PRECISIONS[precision], last_ckpt=ckpt_path, start_step=state.step)
     if vae_lib.is_latent(model_cfg) and (cfg.sample_every or cfg.fid_every):
         run.vae = vae_lib.load_vae(cfg.vae, device)
@@ -523,6 +517,12 @@ def setup(cfg, ckpt, ckpt_path):
               f"warm-up {cfg.warmup}, EMA {cfg.ema}, {precision} on {device}, "
               f"{torch.get_num_threads()} CPU thread(s)", flush=True)
     return run
+
+
+def workers_for(data, workers):
+    """DataLoader workers decode image files; arrays (memory-mapped or not) read faster without
+    them (docs/data.md)."""
+    return workers if isinstance(data.dataset, data_lib.ImageFolderDataset) else 0
 
 
 def resolve_precision(precision, device):
@@ -556,9 +556,9 @@ def new_state(model_cfg, cfg, device, precision):
     """A fresh model (the same initial weights on every process), its EMA, AdamW (fused on
     CUDA), the fp16 gradient scaler and the data generator."""
     torch.manual_seed(cfg.seed)
-    model = dimr.DiMR(model_cfg).to(device)
+    model = depthwise.channels_last_kernels(dimr.DiMR(model_cfg).to(device))
     if cfg.cpu_conv_kernel and device.type == "cpu":
-        cpu_conv.use_fast_depthwise_backward(model)
+        depthwise.use_fast_depthwise_backward(model)
     return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
                       torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                         betas=cfg.betas, fused=device.type == "cuda"),

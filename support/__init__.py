@@ -3,7 +3,7 @@ fid.py) need but the paper does not describe. One module per job:
 
 - checkpoints: atomic writes, safe checkpoint reads, our checkpoints and the authors' release
 - cli: one-line errors, checked flags, flags from a dataclass
-- cpu_conv: an opt-in faster depthwise-convolution backward for training on the CPU
+- depthwise: the depthwise convolutions' kernel layout, and an opt-in faster CPU backward
 - data: training data (ImageNet 64, image folders, latents) in the model's space
 - digits: the digits demo's data and metrics (class accuracy, FID against the real digits)
 - distributed: torch.distributed helpers that work with and without torchrun; the thread rule

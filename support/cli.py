@@ -6,6 +6,7 @@
   as it is parsed, before any work starts.
 - `add_dataclass_flags` / `check_fields`: flags made from the fields of a dataclass (train.py's
   TrainConfig), each field with its default, one line of help and, where it has one, its range.
+- `add_threads_flag`: --threads, the same in every entry point.
 - `parse_overrides`: `--arch KEY=VALUE` items as typed overrides of a DiMRConfig.
 """
 import argparse
@@ -25,7 +26,8 @@ class Parser(argparse.ArgumentParser):
 def describe(low, high, kind, above=None):
     lo = f"> {above}" if above is not None else "" if low is None else f">= {low}"
     hi = "" if high is None else f"< {high}"
-    return ("an integer " if kind is int else "a finite number ") + " and ".join(filter(None, [lo, hi]))
+    bounds = " and ".join(filter(None, [lo, hi]))
+    return ("an integer " if kind is int else "a finite number ") + bounds
 
 
 def number(kind=float, low=None, high=None, above=None):
@@ -42,6 +44,13 @@ def number(kind=float, low=None, high=None, above=None):
                                              f"got {text}")
         return value
     return parse
+
+
+def add_threads_flag(parser):
+    """--threads, the one rule of every entry point (distributed.set_threads)."""
+    parser.add_argument("--threads", type=number(int, 1), default=None,
+                        help="CPU threads per process (default torch's: OMP_NUM_THREADS, as "
+                             "torchrun sets it, else the cores)")
 
 
 def out_of_range(value, low, high):

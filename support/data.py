@@ -50,7 +50,8 @@ from support.images import IMAGE_EXTENSIONS
 # the training files of a downsampled ImageNet directory (not val_data.npz)
 DOWNSAMPLED_GLOB = "*train*.npz"
 DOWNSAMPLED_KEYS = ("data", "labels")
-DOWNSAMPLED_LAYOUT = "downsampled ImageNet: data uint8 [N, 3*S*S] (R, G, B planes) and labels 1..1000"
+DOWNSAMPLED_LAYOUT = ("downsampled ImageNet: data uint8 [N, 3*S*S] (R, G, B planes) and "
+                      "labels 1..1000")
 IMAGENET_CLASSES = 1000
 LATENTS_KEY = "latents"
 LABELS_KEY = "labels"

@@ -135,9 +135,9 @@ def evaluate(model, run_dir, step, num_images, sample_steps, cfg_scale, device):
     checkpoints.write_text(Path(run_dir) / "eval.json", json.dumps(record, indent=2) + "\n")
     note = ""
     if step < DEMO_STEPS:
-        note = (f" (a short run: the samples come from the EMA of the weights, which lags the "
-                f"training by a few hundred steps at the demo's decay; chance is 10%, and the "
-                f"demo's {DEMO_STEPS} steps reach about 100%)")
+        note = (f" (a short run: after {step} steps the model has not learned the digits yet, "
+                f"and the EMA weights sampled here lag behind it; chance is 10%, and the demo's "
+                f"{DEMO_STEPS:,} steps reach about 100%)")
     return (f"class accuracy of {len(labels)} EMA samples (evenly over the {DIGITS_CLASSES} "
             f"classes, {sample_steps} sampler steps, guidance scale {1 + cfg_scale:g}, i.e. "
             f"cfg-scale s = {cfg_scale:g}) by an SVM of the real digits: "

@@ -11,7 +11,9 @@ cores otherwise. Never the machine's momentary load: a float sum split over anot
 threads rounds differently, so a run resumed with another count drifts in the last digits.
 """
 import datetime
+import multiprocessing
 import os
+import signal
 import sys
 
 import torch
@@ -104,13 +106,27 @@ def run_main(fn):
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         prints = is_main() or isinstance(e, RankError)
         where = f" (rank {rank()})" if isinstance(e, RankError) and world_size() > 1 else ""
+        stop_children()
         shutdown()
         sys.exit(f"error{where}: {e}" if prints else 1)
     except dist.DistError as e:
         prints = is_main()
+        stop_children()
         shutdown()
         sys.exit(f"error: another process failed, see its message ({str(e).splitlines()[0]})"
                  if prints else 1)
+
+
+def stop_children():
+    """Kill this process's worker processes before an error ends it: DataLoader workers ignore
+    SIGTERM (train.py leaves preemption to the trainer), so the interpreter's exit, which
+    terminates and then joins them, would wait forever for one that is not idle. torch's SIGCHLD
+    handler, which reports a worker's death as an error of its own, is reset first."""
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
 
 
 def shutdown(wait=False):

@@ -45,7 +45,8 @@ def check_row(row, gflop, peak=None):
 
 
 def test_the_readme_command_for_the_demo_variant(capsys):
-    """`python -m tools.bench --variant s`: one row, 3 forward passes per training image, sampling."""
+    """`python -m tools.bench --variant s`: one row, 3 forward passes per training image,
+    sampling."""
     (row,) = run(capsys, "--variant", "s")
     assert row["variant"] == "DiMR-S/2R" and row["precision"] == "fp32"
     assert row["micro-batch"] == "32" and row["grad. ckpt"] == "off" and row["MFU"] == "-"

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import diffusion
-import dimr
 from support import checkpoints
 from release_reference import release_state_dict
 
@@ -106,7 +105,8 @@ def test_q_sample():
     n = torch.tensor([1, 500, 1000])
     expected = np.sqrt(ALPHA_BAR[n - 1])[:, None, None, None] * x0.numpy() \
         + np.sqrt(1 - ALPHA_BAR[n - 1])[:, None, None, None] * eps.numpy()
-    np.testing.assert_allclose(schedule.q_sample(x0, n, eps).numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(schedule.q_sample(x0, n, eps).numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
     # float64 data after a float32 call: the coefficient tables are kept per dtype, not rounded
     # to float32
     out64 = schedule.q_sample(x0.double(), n, eps.double())
@@ -122,12 +122,14 @@ def test_continuous_time_view():
     # halfway between t_n and t_{n+1}, log alpha is the mean of the two ends
     mid = (n[:-1] + 0.5) / 1000
     expected = np.exp(0.5 * (LOG_ALPHA[n[:-1] - 1] + LOG_ALPHA[n[:-1]]))
-    np.testing.assert_allclose(schedule.alpha_t(torch.from_numpy(mid)).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(schedule.alpha_t(torch.from_numpy(mid)).numpy(), expected,
+                               rtol=1e-12)
     t = np.random.default_rng(0).uniform(0.001, 1.0, 100)
     tt = torch.from_numpy(t)
     np.testing.assert_allclose(schedule.sigma_t(tt).numpy(), sigma(t), rtol=1e-10)
     np.testing.assert_allclose(schedule.lambda_t(tt).numpy(), lam(t), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(schedule.inverse_lambda(torch.from_numpy(lam(t))).numpy(), t, rtol=1e-9)
+    np.testing.assert_allclose(schedule.inverse_lambda(torch.from_numpy(lam(t))).numpy(), t,
+                               rtol=1e-9)
 
 
 # -- multi-scale loss --------------------------------------------------------------------------
@@ -169,6 +171,7 @@ def test_loss_weights_are_the_papers():
     assert diffusion.loss_weights(1) == [1.0]
     assert diffusion.loss_weights(2) == [0.25, 1.0]
     assert diffusion.loss_weights(3) == [1 / 16, 0.25, 1.0]
+    assert diffusion.loss_weights(3, multiscale=False) == [0.0, 0.0, 1.0]
 
 
 # -- classifier-free guidance ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests of the digits demo's metrics (support/digits.py, tools/digits.py): the real digits as uint8 images and as an ADM reference batch (against the
+"""Tests of the digits demo's metrics (support/digits.py, tools/digits.py): the real digits as
+uint8 images and as an ADM reference batch (against the
 rounding written out by hand), the digit classifier (against scikit-learn's published accuracy
 and chance), its input checks, and the command line's plumbing."""
 

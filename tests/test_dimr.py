@@ -3,6 +3,7 @@ per component and of the whole network), the pixel-shuffle layout, safe checkpoi
 equality with an independent statement of the release's forward pass on release-format weights
 (tests/release_reference.py) on mixed-time batches."""
 import ast
+import copy
 import dataclasses
 import os
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import checkpoints
+from support import checkpoints, depthwise
 from tools import convert
 from tools.count import count
 import dimr
@@ -230,6 +231,30 @@ def test_block_shape_and_gradients(Block, shape):
     x, t = f64(*shape), f64(B, seed=1)
     assert block(x, t).shape == shape
     assert gradcheck_module(block, x, t)
+
+
+def test_the_cpu_depthwise_kernel_equals_torchs_convolution():
+    """support/depthwise.py: a ConvNeXt block with the opt-in CPU backward and channels-last
+    kernels gives torch's own outputs and gradients (float32 rounding), passes gradcheck in
+    float64, and keeps its parameter names."""
+    plain = randomise(dimr.ConvNeXtBlock(TINY_2R, 16, 32))
+    fast = depthwise.use_fast_depthwise_backward(depthwise.channels_last_kernels(
+        copy.deepcopy(plain)))
+    assert list(dict(fast.named_parameters())) == list(dict(plain.named_parameters()))
+    assert fast.dwconv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 6, 5, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    t = torch.tensor([0.3, -0.5, 0.9])
+    outs, grads = [], []
+    for block in (plain, fast):
+        out = block(x, t)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.cos(out)).sum(),
+                                         [x, *block.dwconv.parameters()]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    double = depthwise.use_fast_depthwise_backward(randomise(dimr.ConvNeXtBlock(MICRO, D, 8)))
+    assert gradcheck_module(double.double(), f64(B, H, W, D), f64(B, seed=1))
 
 
 def test_cascade_shape_and_gradients():

@@ -635,7 +635,8 @@ def test_eval_without_softmax_layer_says_how_to_get_the_inception_score(tmp_path
     monkeypatch.setattr(fid, "load_inception", lambda *args: _Summary(logits=False))
     fid.main(["eval", str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("Inception Score: unavailable") and inception_weights.PYTORCH_FID_URL in first
+    assert first.startswith("Inception Score: unavailable")
+    assert inception_weights.PYTORCH_FID_URL in first
 
 
 def _activations_on_two_processes(rank, init_file, images, out):

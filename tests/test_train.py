@@ -2,7 +2,6 @@
 accumulation), resuming equals not stopping (after SIGTERM or a finished run), the weight-decay
 groups, NaN handling, clear errors, and a short demo run that lowers the loss."""
 import copy
-import io
 import json
 import math
 import os
@@ -59,7 +58,8 @@ def max_diff(a, b):
 @pytest.mark.parametrize("norm", ["td", "ln", "adaln_zero"])
 def test_weight_decay_groups_are_the_releases(norm):
     """The release's utils.trainable_parameters: decay on every parameter but those named
-    `*.nodecay_weight` / `*.nodecay_bias`, i.e. (checkpoints.OFFICIAL_KEYS) the TD slopes and offsets
+    `*.nodecay_weight` / `*.nodecay_bias`, i.e. (checkpoints.OFFICIAL_KEYS) the TD slopes and
+    offsets
     w, b."""
     model = dimr.DiMR(dimr.get_config("s", widths=(32, 16), depths=(3, 2), num_heads=2, norm=norm))
     decay, no_decay = train.param_groups(model, 0.03)
@@ -111,6 +111,39 @@ def test_ema_after_k_steps_is_the_closed_form():
         expected = d ** k * start[j] + sum((1 - d) * d ** (k - i) * thetas[i - 1][j]
                                            for i in range(1, k + 1))
         torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_ema_starts_as_an_exact_copy_of_the_model():
+    """Step 0's EMA equals the initial weights bit for bit, in separate storage, without
+    gradients, in eval mode (the closed form above starts from it)."""
+    cfg = replace(train.DEMO, cpu_conv_kernel=True)
+    state = train.new_state(dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2), cfg,
+                            torch.device("cpu"), "fp32")
+    model, ema = state.model.state_dict(), state.ema.state_dict()
+    assert list(model) == list(ema)
+    for name in model:
+        assert torch.equal(model[name], ema[name]) and model[name].stride() == ema[name].stride()
+        assert model[name].data_ptr() != ema[name].data_ptr()
+    assert not any(p.requires_grad for p in state.ema.parameters()) and not state.ema.training
+
+
+def test_without_the_multiscale_loss_the_low_resolution_head_learns_nothing(tmp_path):
+    """--no-multiscale-loss (Table 5's rows before '+ multi-scale loss'): the loss is the
+    full-resolution branch's term, so the 4x4 branch's output head gets no gradient and AdamW
+    only decays it, w -> w (1 - lr_1 * 0.03) after one step, while its blocks still learn through
+    the cascade."""
+    run_dir = run(tmp_path, "--steps", "1", "--no-multiscale-loss")
+    ckpt = last_checkpoint(run_dir)
+    torch.manual_seed(0)
+    start = dimr.DiMR(dimr.config_from_dict(ckpt["config"])).state_dict()
+    lr = train.learning_rate(0, train.DEMO.lr, train.DEMO.warmup)
+    head = "branches.0.head.conv.weight"
+    torch.testing.assert_close(ckpt["model"][head], start[head] * (1 - lr * 0.03), rtol=0,
+                               atol=1e-7)
+    block = "branches.0.blocks.0.mlp.w0.weight"  # Adam's first step: lr per weight with a gradient
+    assert (ckpt["model"][block] - start[block] * (1 - lr * 0.03)).abs().max() > 0.9 * lr
+    loss = json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])
+    assert loss["loss"] == pytest.approx(loss["loss_branches"][-1], rel=1e-6)
 
 
 def patterned_data(n=40, flip=True):
@@ -411,7 +444,8 @@ def test_clear_errors(tmp_path):
         "--micro-batch 4"
     assert error_of(["--arch", "widths=a,b"]) \
         == "error: --arch widths=a,b: widths must be integers a,b,..."
-    assert error_of(["--ema", "1.5"]) == "error: --ema must be a finite number >= 0 and < 1, got 1.5"
+    assert error_of(["--ema", "1.5"]) \
+        == "error: --ema must be a finite number >= 0 and < 1, got 1.5"
     assert error_of(["--lr", "nan"]) == "error: --lr must be a finite number >= 0, got nan"
     assert error_of(["--steps", "0"]) == "error: --steps must be an integer >= 1, got 0"
 
@@ -511,7 +545,8 @@ def test_short_demo_lowers_the_loss(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"class accuracy of 10 EMA samples \(evenly over the 10 classes, 10 sampler "
                      r"steps, guidance scale 2, i\.e\. cfg-scale s = 1\) by an SVM of the real "
-                     r"digits: \d+\.\d% \(a short run: the samples come from the EMA", out)
+                     r"digits: \d+\.\d% \(a short run: after 60 steps the model has not learned "
+                     r"the digits yet", out)
     assert {p.name for p in (run_dir / "samples").iterdir()} \
         == {"step_0000030.png", "step_0000060.png", "final_0000060.png"}
     config = json.loads((run_dir / "config.json").read_text())

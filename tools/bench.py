@@ -10,7 +10,8 @@ EMA), on a synthetic micro-batch of the model's input shape; --warmup steps are 
 evaluations, with guidance (the conditional and null-class halves in one batch of 2x the images).
 
 FLOPs are counted as in the README's cost estimate: 2 FLOPs per multiply-accumulate, the MACs of one
-forward pass from `tools.count.count` (batch 1, the figure `python -m tools.count` prints), and a training
+forward pass from `tools.count.count` (batch 1, as `python -m tools.count` prints it), and a
+training
 image costs 3 forward passes (forward, backward = 2 forwards), 4 with gradient checkpointing (the
 forward is recomputed). MFU is the achieved training TFLOP/s over --peak-tflops, by default the
 card's bf16 dense peak when its name is in PEAK_TFLOPS. Peak memory: on CUDA the most the
@@ -25,13 +26,14 @@ import resource
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
 import diffusion
 import dimr
 import sample
 import train
-from support import distributed
-from support.cli import Parser, number, parse_overrides
+from support import data as data_lib, distributed
+from support.cli import Parser, add_threads_flag, number, parse_overrides
 from tools.count import count
 
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense, per the data sheets
@@ -170,7 +172,7 @@ def build_parser():
                    help="recompute each block in the backward pass")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cpu-conv-kernel", action=argparse.BooleanOptionalAction, default=None,
-                   help="the CPU depthwise-convolution kernel (support/cpu_conv.py; default: as "
+                   help="the CPU depthwise-convolution kernel (support/depthwise.py; default: as "
                         "the variant's recipe in train.py, on for the demo variant s)")
     p.add_argument("--warmup", type=number(int, 0), default=3,
                    help="untimed steps first (default 3)")
@@ -181,15 +183,41 @@ def build_parser():
     p.add_argument("--peak-tflops", type=number(float, above=0), default=None,
                    help="the device's peak for MFU (default: bf16 dense of a known card: "
                         + ", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS.items()) + ")")
-    p.add_argument("--threads", type=number(int, 1), default=None,
-                   help="CPU threads (default torch's: OMP_NUM_THREADS, else the cores)")
+    add_threads_flag(p)
     p.add_argument("--seed", type=number(int, 0), default=0)
+    p.add_argument("--data", default=None,
+                   help="instead: time the loader alone on this training data (train.py --data), "
+                        "micro-batches of --batch in random order, for each of --workers")
+    p.add_argument("--workers", type=number(int, 0), nargs="+", default=[0],
+                   help="DataLoader workers to time the loader with (default 0)")
     return p
+
+
+def time_loader(args):
+    """Images/s of the DataLoader alone on args.data, micro-batches of each --batch in a random
+    order of the data (the first is not timed), for each --workers."""
+    data = data_lib.open_data(args.data)
+    print(f"{data.description}: the loader alone, {args.steps * 10} micro-batches timed")
+    for batch in args.batch:
+        for workers in args.workers:
+            order = torch.randperm(len(data.dataset),
+                                   generator=torch.Generator().manual_seed(args.seed)).tolist()
+            loader = iter(DataLoader(data.dataset, batch_size=batch, sampler=order,
+                                     num_workers=workers))
+            next(loader)
+            start = time.perf_counter()
+            for _ in range(args.steps * 10):
+                next(loader)
+            seconds = (time.perf_counter() - start) / (args.steps * 10)
+            print(f"micro-batch {batch}, {workers} workers: {batch / seconds:.0f} images/s "
+                  f"({1e3 * seconds:.1f} ms per micro-batch)", flush=True)
 
 
 def run(args):
     device = distributed.init()
     distributed.set_threads(args.threads)
+    if args.data:
+        return time_loader(args)
     if device.type == "cuda":  # as train.py: TF32 matmuls for the fp32 parts
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = dimr.ALIASES.get(args.variant, args.variant)

@@ -6,12 +6,14 @@ space of the Stable Diffusion KL-f8 VAE (vae.py), as in LDM, DiT and U-ViT. Prep
 the release: ADM's center crop (data.center_crop_arr) to --image-size, and every image is stored
 twice, as is and horizontally flipped, so training needs no flip of its own.
 
-Output: a directory of shards in the latent format support/data.py reads: SHARD_NAME.format(k) holds the
+Output: a directory of shards in the latent format support/data.py reads: SHARD_NAME.format(k)
+holds the
 images k*S .. (k+1)*S - 1 of the folder (classes and files in sorted order, S = --shard-size) as
 LATENTS_KEY float [2S, 4, size/8, size/8] (already multiplied by vae.LATENT_SCALE; rows 2i and
 2i + 1 are image i and its flip) and LABELS_KEY int64 [2S]; plus classes.txt (class id = line).
 
-    torchrun --nproc_per_node=8 -m tools.extract_latents --data-path IMAGENET/train --image-size 256 \
+    torchrun --nproc_per_node=8 -m tools.extract_latents --data-path IMAGENET/train \
+        --image-size 256 \
         --out latents/in256 --vae stabilityai/sd-vae-ft-ema --npy latents/in256.npy
 
 Process r encodes shards r, r + W, r + 2W, ...; each shard is written atomically (temporary file +
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from support import checkpoints, data, distributed, vae as vae_lib
-from support.cli import Parser, number
+from support.cli import Parser, add_threads_flag, number
 from support.progress import Progress
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -132,8 +134,7 @@ def build_parser():
                    help="after all shards exist, also write them as one memory-mappable NPY (and "
                         "NPY's _labels.npy), which train.py reads without loading it into each "
                         "process's memory")
-    p.add_argument("--threads", type=number(int, 1), default=None,
-                   help="CPU threads per process (default torch's: OMP_NUM_THREADS, else the cores)")
+    add_threads_flag(p)
     return p
 
 

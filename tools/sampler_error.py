@@ -24,7 +24,7 @@ from diffusion import (B_H, DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHO
                        ORDERS, RELEASE_SAMPLER, SPACINGS, DiscreteSchedule, guided_eps_fn,
                        ode_sample, sampler_name)
 from support import checkpoints, distributed
-from support.cli import Parser, number
+from support.cli import Parser, add_threads_flag, number
 
 # The named rows (--rows): the release's sampler, DPM-Solver++ (singlestep 3 was the default before
 # UniPC), the UniPC candidates, and the default (ode_sample's, which depends on the steps).
@@ -104,8 +104,7 @@ def main(argv=None):
                         help="also every method x order x spacing (x UniPC B(h))")
     common.add_argument("--json", default=None,
                         help="also write the table as JSON (docs/data/, for tools/figures.py)")
-    common.add_argument("--threads", type=number(int, 1), default=None,
-                        help="CPU threads (default torch's: OMP_NUM_THREADS, else the cores)")
+    add_threads_flag(common)
     p = Parser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gaussian", parents=[common],

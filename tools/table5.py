@@ -1,0 +1,157 @@
+"""The paper's Table 5 (which part of DiMR helps) in miniature, on the digits at the demo's budget.
+
+    python -m tools.table5 --out runs/table5 --json docs/data/table5.json       # about 2 hours
+
+Every row of Table 5 (ImageNet 64, 300K steps, U-ViT-M/4 -> DiMR-M/3R) is a switch of train.py
+applied to the demo model, DiMR-S/2R, and trained with the demo's recipe (train.DEMO: 1,200 steps
+of batch 64, lr 3e-3, EMA 0.993) without its time cap, so that every row gets the same steps:
+
+  U-ViT baseline             one Transformer branch, LN + time token, 4x GELU MLP, 2 blocks
+                             deeper than DiMR's Transformer branch (the paper: 17 against 15)
+  + adaLN-Zero               the same with DiT's adaLN-Zero in place of LN + time token
+  adaLN-Zero + multi-branch  DiMR-S/2R's branches with adaLN-Zero and GELU MLPs
+  TD-LN + multi-branch       ... with TD-LN
+  + GLU                      ... with GLU MLPs
+  + multi-scale loss         DiMR-S/2R as the demo trains it (rows 3-5: the full-resolution
+                             branch's loss term only, --no-multiscale-loss)
+
+Each (row, seed) is evaluated on --samples EMA samples, evenly over the classes, seeds 0..N-1,
+without guidance (as the paper's ImageNet 64 numbers), with the default sampler at 25 steps:
+- FID against the 1,797 real digits, with the default `tf` preprocessing (fid.py);
+- class accuracy by the SVM of the real digits (support/digits.py);
+- the final loss: the full-resolution branch's term of the loss, averaged over the last 100 steps
+  (the one term every row trains).
+Runs and their results are kept in --out; a rerun skips what is done and resumes a run cut short.
+"""
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import fid
+import sample
+import train
+from support import checkpoints, digits, distributed
+from support.cli import Parser, add_threads_flag, number
+
+# (name, --arch overrides, multi-scale loss, the paper's FID and parameters in millions)
+ROWS = [
+    ("U-ViT baseline", ("depths=7", "widths=96", "norm=ln", "mlp=gelu"), True, 5.85, 130.9),
+    ("+ adaLN-Zero", ("depths=7", "widths=96", "norm=adaln_zero", "mlp=gelu"), True, 5.44, 202.4),
+    ("adaLN-Zero + multi-branch", ("norm=adaln_zero", "mlp=gelu"), False, 7.91, 217.9),
+    ("TD-LN + multi-branch", ("mlp=gelu",), False, 5.21, 154.0),
+    ("+ GLU", (), False, 4.86, 132.9),
+    ("+ multi-scale loss (= DiMR-S/2R)", (), True, 3.65, 132.9),
+]
+SAMPLER_STEPS = sample.DEFAULT_STEPS
+
+
+def slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def trained_run(root, arch, multiscale, seed, steps, threads):
+    """Train one row and seed under root (resuming a run cut short); its run folder."""
+    found = sorted(root.glob("*/checkpoints/ckpt_*.pt"))
+    threads = ["--threads", str(threads)] if threads else []
+    if found and int(found[-1].stem.split("_")[1]) == steps:
+        return found[-1].parent.parent
+    if found:
+        train.main(["--resume", str(found[-1]), *threads])
+    else:
+        train.main(["--variant", "s", "--seed", str(seed), "--steps", str(steps), "--minutes", "0",
+                    "--eval-images", "0", "--results-dir", str(root),
+                    "--multiscale-loss" if multiscale else "--no-multiscale-loss",
+                    *(["--arch", *arch] if arch else []), *threads])
+    return sorted(root.glob("*/checkpoints"))[-1].parent
+
+
+def evaluate(run_dir, num_samples, reference, inception):
+    """FID, class accuracy, final loss, parameters and training seconds of a finished run."""
+    path = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
+    model, _ = checkpoints.load_model(path)
+    labels = sample.parse_classes("even", num_samples, model.config.num_classes, 0)
+    x = sample.generate(model, labels, range(num_samples), steps=SAMPLER_STEPS, cfg_scale=0.0)
+    images = sample.to_uint8(x)
+    features = fid.inception_features(images, inception, label=f"table5: {run_dir}")
+    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+    last = [s for s in stats if "loss" in s][-1]
+    return {"fid": fid.frechet_distance(*fid.feature_statistics(features), *reference),
+            "accuracy": digits.digit_class_accuracy(images, labels)["accuracy"],
+            "loss": last["loss_branches"][-1] if last["loss_branches"] else last["loss"],
+            "parameters": sum(v.numel() for v in model.state_dict().values()),
+            "train_seconds": last["time"]}
+
+
+def mean_and_spread(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(results):
+    """Markdown: each row's mean +- standard deviation over the seeds, beside the paper's."""
+    lines = ["| model | FID (paper) | parameters (paper) | FID here | class accuracy | final loss "
+             "| parameters here | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for name, _, _, paper_fid, paper_params in ROWS:
+        runs = results.get(name, [])
+        if not runs:
+            continue
+        cells = [mean_and_spread([r[key] for r in runs]) for key in ("fid", "accuracy", "loss")]
+        lines.append(f"| {name} | {paper_fid} | {paper_params}M | {cells[0][0]:.2f} +- "
+                     f"{cells[0][1]:.2f} | {100 * cells[1][0]:.1f}% +- {100 * cells[1][1]:.1f} | "
+                     f"{cells[2][0]:.4f} +- {cells[2][1]:.4f} | {runs[0]['parameters']:,} | "
+                     f"{len(runs)} |")
+    return "\n".join(lines)
+
+
+def run(args):
+    distributed.set_threads(args.threads)
+    out = Path(args.out)
+    inception = fid.load_inception()
+    if args.fid_ref:
+        reference = fid.load_statistics(args.fid_ref)
+    else:
+        ref = fid.reference_batch(digits.reference_batch_path(), lambda: inception)
+        reference = ref["mu"], ref["sigma"]
+    results, start = {}, time.time()
+    for name, arch, multiscale, _, _ in ROWS[:args.rows]:
+        for seed in args.seeds:
+            root = out / slug(name) / f"seed{seed}"
+            done = root / "result.json"
+            if not done.is_file():
+                run_dir = trained_run(root, arch, multiscale, seed, args.steps, args.threads)
+                result = {"seed": seed, "run": str(run_dir),
+                          **evaluate(run_dir, args.samples, reference, inception)}
+                checkpoints.write_text(done, json.dumps(result, indent=1) + "\n")
+            results.setdefault(name, []).append(json.loads(done.read_text()))
+    record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "cfg_scale": 0.0,
+              "fid_reference": args.fid_ref or "the 1,797 real digits",
+              "train_steps": args.steps, "results": results,
+              "seconds_this_call": time.time() - start}
+    checkpoints.write_text(out / "table5.json", json.dumps(record, indent=1) + "\n")
+    if args.json:
+        checkpoints.write_text(args.json, json.dumps(record, indent=1) + "\n")
+    print(table(results))
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/table5", help="folder of the runs and their results")
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2],
+                   help="seeds of every row (default 0 1 2)")
+    p.add_argument("--samples", type=number(int, 2), default=1000,
+                   help="samples per run for FID and class accuracy (default 1000)")
+    p.add_argument("--rows", type=number(int, 1, len(ROWS) + 1), default=len(ROWS),
+                   help="the first ROWS rows only (default all)")
+    p.add_argument("--steps", type=number(int, 1), default=train.DEMO.steps,
+                   help=f"training steps of every run (default the demo's, {train.DEMO.steps})")
+    p.add_argument("--fid-ref", default=None,
+                   help="reference statistics .npz (default: the real digits)")
+    p.add_argument("--json", default=None, help="also write the results here (docs/data/)")
+    add_threads_flag(p)
+    args = p.parse_args(argv)
+    distributed.run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
