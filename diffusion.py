@@ -376,7 +376,8 @@ def unipc(predict_x0, schedule, x, ts, order, bh, lower_order_final, corrector=T
     evaluation, which is also the next step's data prediction: one evaluation per step. The last
     step is not corrected (its evaluation would serve no later step). Step i = 1..steps has order
     k = min(order, i) (warm-up), and with lower_order_final at most steps + 1 - i, the official
-    code's lower_order_final. corrector=False: UniP alone.
+    code's lower_order_final. corrector=False: UniP alone, the predictor that covers multistep
+    DPM-Solver++ (UniP-2 with 'bh2' is DPM-Solver++(2M); tests/test_diffusion.py compares them).
     """
     lam, alpha = schedule.lambda_t(ts).tolist(), schedule.alpha_t(ts).tolist()
     steps = len(ts) - 1

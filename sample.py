@@ -18,6 +18,7 @@ Outputs in --out: grid.png (at most 64 images, evenly spread over the indices so
 the classes, each labelled with its class id), images/000000.png ... (one per image), samples.npz
 with arr_0 uint8 [N, H, W, 3] (the ADM evaluation suite's layout) and labels int64 [N].
 """
+import argparse
 import json
 import math
 from pathlib import Path
@@ -233,7 +234,7 @@ def build_parser():
     p.add_argument("--bh", choices=B_H, default=None,
                    help=f"UniPC's B(h) (None: {DEFAULT_SAMPLER['bh']}, {few} "
                         f"{FEW_STEPS_SAMPLER['bh']})")
-    p.add_argument("--lower-order-final", action="store_true", default=None,
+    p.add_argument("--lower-order-final", action=argparse.BooleanOptionalAction, default=None,
                    help=f"UniPC: lower the order of the last steps (default: only {few})")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA or raw weights")
     p.add_argument("--batch-size", type=number(int, 1), default=64,
@@ -255,10 +256,23 @@ def batch_path(parts, b):
     return parts / f"batch_{b:06d}.npy"
 
 
+def check_parts(parts, settings):
+    """A ValueError if DIR/parts holds an unfinished run sampled with other settings
+    (parts/settings.json, written by the first run)."""
+    record = parts / "settings.json"
+    stored = json.loads(record.read_text()) if record.is_file() else settings
+    changed = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in settings.items()
+               if stored.get(k) != v]
+    if changed:
+        raise ValueError(f"{parts} holds an unfinished run with other settings "
+                         f"({'; '.join(changed)}): rerun with its arguments to continue it, "
+                         f"or remove {parts}")
+
+
 def open_parts(parts, settings):
-    """The finished batches of DIR/parts, after checking that they were sampled with the same
-    settings (parts/settings.json, written by the first run). Rank 0 creates the folder and
-    removes what a killed process left half-written; every rank then reads the same state."""
+    """The finished batches of DIR/parts (its settings checked by check_parts). Rank 0 creates
+    the folder and removes what a killed process left half-written; every rank then reads the
+    same state."""
     record = parts / "settings.json"
     if distributed.is_main():
         parts.mkdir(parents=True, exist_ok=True)
@@ -267,13 +281,7 @@ def open_parts(parts, settings):
         if not record.is_file():
             checkpoints.write_text(record, json.dumps(settings, indent=2) + "\n")
     distributed.barrier()
-    stored = json.loads(record.read_text())
-    changed = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in settings.items()
-               if stored.get(k) != v]
-    if changed:
-        raise ValueError(f"{parts} holds an unfinished run with other settings "
-                         f"({'; '.join(changed)}): rerun with its arguments to continue it, "
-                         f"or remove {parts}")
+    check_parts(parts, settings)  # a run started at the same time with other settings
     done = {int(p.stem.split("_")[1]) for p in parts.glob("batch_*.npy")}
     distributed.barrier()  # every rank has seen the same finished batches before any writes one
     return done
@@ -290,8 +298,12 @@ def run(args):
     model, _ = checkpoints.load_model(args.checkpoint, weights=args.weights, device=device)
     cfg = model.config
     labels = parse_classes(args.classes, args.num_images, cfg.num_classes, args.seed)
-    vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
     out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png", "threads")}
+    settings["checkpoint"] = str(Path(args.checkpoint).resolve())
+    parts = out / "parts"
+    check_parts(parts, settings)  # before the VAE: an unfinished run with other settings
+    vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
     name = ("DDPM, 1000 ancestral steps" if sampler == "ddpm" else f"{args.steps} steps of "
             + ("the release's sampler" if args.method == "release" else
                diffusion.sampler_name(sampler)))
@@ -302,17 +314,12 @@ def run(args):
                        f"{args.cfg_scale}, decay power {args.decay_power}, {args.weights} "
                        f"weights, {args.precision}")
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png", "threads")}
-    settings["checkpoint"] = str(Path(args.checkpoint).resolve())
-    parts = out / "parts"
     done = open_parts(parts, settings)
     batches = [np.arange(lo, min(lo + args.batch_size, args.num_images))
                for lo in range(0, args.num_images, args.batch_size)]
     todo = [b for b in range(len(batches)) if b not in done][rank::world]
     if done:
         distributed.print0(f"resuming: {len(done)} of {len(batches)} batches are in {parts}")
-    if not args.no_png:
-        (out / "images").mkdir(exist_ok=True)
     bar = Progress(f"sample (rank 0 of {world})" if world > 1 else "sample",
                    sum(len(batches[b]) for b in todo)) if distributed.is_main() else None
     for b in todo:
@@ -320,14 +327,8 @@ def run(args):
         x = generate(model, labels[idx], args.seed + idx, steps=args.steps,
                      cfg_scale=args.cfg_scale, decay_power=args.decay_power, sampler=sampler,
                      batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
-        images = decode_to_uint8(x.to(device), cfg, vae)
-        if not args.no_png:
-            for i, image in zip(idx, images):
-                with checkpoints.atomic_write(out / "images" / f"{i:06d}.png", ".png",
-                                              fsync=False) as tmp:
-                    Image.fromarray(image).save(tmp)
-        with checkpoints.atomic_write(batch_path(parts, b), suffix=".npy") as tmp:
-            np.save(tmp, images)
+        save_batch(decode_to_uint8(x.to(device), cfg, vae), idx, batch_path(parts, b),
+                   None if args.no_png else out / "images")
         if bar:
             bar.update(len(idx))
     distributed.barrier()  # every batch is written; rank 0 merges them alone, the others are done
@@ -336,6 +337,15 @@ def run(args):
         print(f"wrote {out / 'samples.npz'} (arr_0 uint8 {list(shape)}, labels) and "
               f"{out / 'grid.png'}" + ("" if args.no_png else f" and {out / 'images'}/"),
               flush=True)
+
+
+def save_batch(images, indices, part, png_dir=None):
+    """One finished batch: its part (the truth a resumed run reads) and, if asked, its PNGs."""
+    for i, image in zip(indices, images) if png_dir else ():
+        with checkpoints.atomic_write(png_dir / f"{i:06d}.png", ".png", fsync=False) as tmp:
+            Image.fromarray(image).save(tmp)
+    with checkpoints.atomic_write(part, suffix=".npy") as tmp:
+        np.save(tmp, images)
 
 
 def merge_parts(parts, out, num_batches, batch_size, labels):

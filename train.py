@@ -44,7 +44,8 @@ import dimr
 import fid
 import sample
 from support import checkpoints, data as data_lib, depthwise, distributed, vae as vae_lib
-from support.cli import Parser, add_dataclass_flags, check_fields, flag, opt, parse_overrides
+from support.cli import (THREADS_HELP, Parser, add_dataclass_flags, check_fields, flag, opt,
+                         parse_overrides)
 from support.progress import format_seconds
 from support.run_folder import RunFolder, find_checkpoint
 from td_ln import TimeDependentParameter
@@ -110,8 +111,7 @@ class TrainConfig:
     vae: str = opt(vae_lib.DEFAULT_VAE, "latent data: the VAE that decodes samples (vae.load_vae)")
     workers: int = opt(8, "DataLoader worker processes per process that decode an image folder",
                        0)
-    threads: int | None = opt(None, "CPU threads per process (default torch's: OMP_NUM_THREADS, "
-                                    "as torchrun sets it, else the cores)", 1)
+    threads: int | None = opt(None, THREADS_HELP, 1)
 
 
 PAPER = TrainConfig()
@@ -366,8 +366,9 @@ class GlobalBatches:
         workers = {}
         if self.workers:
             workers = dict(num_workers=self.workers, worker_init_fn=ignore_signals)
-        return iter(DataLoader(self.data.dataset, batch_size=self.micro, sampler=mine,
-                               pin_memory=self.generator.device.type == "cuda", **workers))
+        return data_lib.batches(DataLoader(self.data.dataset, batch_size=self.micro, sampler=mine,
+                                           pin_memory=self.generator.device.type == "cuda",
+                                           **workers))
 
     def __iter__(self):
         return self
@@ -384,21 +385,12 @@ class GlobalBatches:
         flip = (torch.rand(G, generator=g, device=g.device) < 0.5)[rows] if self.data.flip else None
         batches = []
         for k in range(0, len(n), self.micro):
-            x0, y = (t.to(g.device, non_blocking=True) for t in self.next_micro_batch())
+            x0, y = (t.to(g.device, non_blocking=True) for t in next(self.loader))
             part = slice(k, k + self.micro)
             if flip is not None:
                 x0 = torch.where(flip[part, None, None, None], x0.flip(-1), x0)
             batches.append(Batch(x0, y, n[part], eps[part], drop[part]))
         return batches
-
-    def next_micro_batch(self):
-        """The loader's next micro-batch. An error of the data (a bad file) ends the run with its
-        own one-line message, on whichever process meets it (distributed.run_main then stops the
-        workers, which ignore SIGTERM)."""
-        try:
-            return next(self.loader)
-        except Exception as e:  # in a worker, torch wraps it: the message's last line is ours
-            raise distributed.RankError(data_lib.worker_error(e)) from None
 
 
 def ignore_signals(worker_id):
@@ -412,7 +404,7 @@ def ignore_signals(worker_id):
 
 def grid_labels(num_classes):
     """The sample grids' classes: DiT's eight, 4 each, for ImageNet; else the first ten, 10 each."""
-    if num_classes == 1000:
+    if num_classes == data_lib.IMAGENET_CLASSES:
         return np.repeat(np.array(IMAGENET_GRID), 4)
     return np.repeat(np.arange(min(num_classes, 10)), 10)
 
@@ -477,11 +469,9 @@ class Run:
 
 def setup(cfg, ckpt, ckpt_path):
     """Device, data, model, optimizer and what a checkpoint restores; rank 0 opens the folder."""
-    device = distributed.init()
-    distributed.set_threads(cfg.threads)
-    if device.type == "cuda":  # TF32 matmuls for the fp32 parts, as DiT
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = open_device(cfg.threads)
     precision = resolve_precision(cfg.precision, device)
+    fid_ref = fid.load_statistics(cfg.fid_ref) if cfg.fid_every else None  # a bad file: at once
     variant = dimr.get_config(cfg.variant)
     data = data_lib.open_data(cfg.data, cfg.image_size, cfg.num_classes, variant.input_size,
                               variant.num_classes)
@@ -498,25 +488,42 @@ def setup(cfg, ckpt, ckpt_path):
     if vae_lib.is_latent(model_cfg) and (cfg.sample_every or cfg.fid_every):
         run.vae = vae_lib.load_vae(cfg.vae, device)
     if cfg.fid_every:
-        run.inception, run.fid_ref = fid.load_inception(device=device), fid.load_statistics(
-            cfg.fid_ref)
+        run.inception, run.fid_ref = fid.load_inception(device=device), fid_ref
     if distributed.is_main():
-        params = sum(p.numel() for p in state.model.parameters())
-        run.folder = RunFolder(cfg.results_dir, cfg.variant,
-                               find_checkpoint(ckpt_path)[0] if ckpt else None, state.step, {
-            "train_config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
-            "parameters": params, "data": data.description, "class_names": data.class_names,
-            "world_size": distributed.world_size(), "micro_batch": micro, "accumulation": accum,
-            "device": str(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}, cfg.keep)
-        print(f"{f'resuming {ckpt_path} at step {state.step}' if ckpt else 'new run'}: "
-              f"{run.folder.dir}\nmodel: {cfg.variant} {model_cfg}, {params:,} parameters\n"
-              f"data: {data.description}\nbatch {cfg.batch_size} = {distributed.world_size()} "
-              f"process(es) x {micro} x {accum} accumulation step(s); {cfg.steps} steps"
-              f"{', at most %g minutes' % cfg.minutes if cfg.minutes else ''}; lr {cfg.lr}, "
-              f"warm-up {cfg.warmup}, EMA {cfg.ema}, {precision} on {device}, "
-              f"{torch.get_num_threads()} CPU thread(s)", flush=True)
+        run.folder = open_folder(run, resume=ckpt_path if ckpt else None, micro=micro,
+                                 accum=accum, precision=precision)
     return run
+
+
+def open_device(threads):
+    """Join the process group (under torchrun) and set the threads; this process's device."""
+    device = distributed.init()
+    distributed.set_threads(threads)
+    if device.type == "cuda":  # TF32 matmuls for the fp32 parts, as DiT
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def open_folder(run, resume, micro, accum, precision):
+    """Rank 0: the run folder (new, or the resumed run's) with config.json, and a summary."""
+    cfg, model_cfg, data, step = run.cfg, run.model_cfg, run.data, run.state.step
+    params = sum(p.numel() for p in run.state.model.parameters())
+    folder = RunFolder(cfg.results_dir, cfg.variant, find_checkpoint(resume)[0] if resume else None,
+                       step, {"train_config": dataclasses.asdict(cfg),
+                              "model": dataclasses.asdict(model_cfg), "parameters": params,
+                              "data": data.description, "class_names": data.class_names,
+                              "world_size": distributed.world_size(), "micro_batch": micro,
+                              "accumulation": accum, "device": str(run.device),
+                              "threads": torch.get_num_threads(), "torch": torch.__version__},
+                       cfg.keep)
+    print(f"{f'resuming {resume} at step {step}' if resume else 'new run'}: {folder.dir}\n"
+          f"model: {cfg.variant} {model_cfg}, {params:,} parameters\ndata: {data.description}\n"
+          f"batch {cfg.batch_size} = {distributed.world_size()} process(es) x {micro} x {accum} "
+          f"accumulation step(s); {cfg.steps} steps"
+          f"{', at most %g minutes' % cfg.minutes if cfg.minutes else ''}; lr {cfg.lr}, "
+          f"warm-up {cfg.warmup}, EMA {cfg.ema}, {precision} on {run.device}, "
+          f"{torch.get_num_threads()} CPU thread(s)", flush=True)
+    return folder
 
 
 def workers_for(data, workers):
@@ -626,6 +633,7 @@ def parse_config(argv=None):
     if given.get("data") not in (None, "digits"):  # a run resumed elsewhere still finds its data
         given["data"] = str(Path(given["data"]).resolve())
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    check_fields(replace(PAPER, **given))  # the flags' ranges, before reading anything
     ckpt, ckpt_path = None, None
     if resume:
         ckpt_path = find_checkpoint(resume)[1]

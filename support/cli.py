@@ -46,11 +46,13 @@ def number(kind=float, low=None, high=None, above=None):
     return parse
 
 
+THREADS_HELP = ("CPU threads per process (default torch's: OMP_NUM_THREADS, as torchrun sets "
+                "it, else the cores)")
+
+
 def add_threads_flag(parser):
     """--threads, the one rule of every entry point (distributed.set_threads)."""
-    parser.add_argument("--threads", type=number(int, 1), default=None,
-                        help="CPU threads per process (default torch's: OMP_NUM_THREADS, as "
-                             "torchrun sets it, else the cores)")
+    parser.add_argument("--threads", type=number(int, 1), default=None, help=THREADS_HELP)
 
 
 def out_of_range(value, low, high):

@@ -328,12 +328,22 @@ def image_folder(root, image_size):
                         class_names=classes)
 
 
-def worker_error(error):
-    """The message of an error raised while loading a batch, in one line. In a DataLoader worker
-    torch re-raises it with the worker's traceback, whose last line is 'Type: message'."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    kind, sep, message = last.partition(": ")
-    return message if sep and kind.isidentifier() else last
+def batches(loader):
+    """A DataLoader's batches; an error of the data (a bad file) becomes a ValueError with its own
+    one-line message: in a DataLoader worker torch re-raises it with the worker's traceback, whose
+    last line is 'Type: message'. (distributed.run_main then stops the workers, which may ignore
+    SIGTERM, before the process ends.)"""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            kind, sep, message = last.partition(": ")
+            raise ValueError(message if sep and kind.isidentifier() else last) from None
+        yield batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,8 +402,8 @@ def latents(path, num_classes):
     rank, world = distributed.rank(), distributed.world_size()
     bad = non_finite_rows(lat, len(lat) * rank // world, len(lat) * (rank + 1) // world)
     if len(bad):
-        raise distributed.RankError(f"{path}: {len(bad)} latent(s) with NaN or inf, rows "
-                                    f"{', '.join(map(str, bad[:5]))}{', ...' * (len(bad) > 5)}")
+        raise ValueError(f"{path}: {len(bad)} latent(s) with NaN or inf, rows "
+                         f"{', '.join(map(str, bad[:5]))}{', ...' * (len(bad) > 5)}")
     if not isinstance(lat, np.memmap):
         _warn_held_by_every_process(path, lat.nbytes, "; `tools/extract_latents.py --npy OUT.npy` "
                                     "writes one memory-mapped .npy that the processes of a node "

@@ -90,31 +90,35 @@ def gather_rows(x):
     return torch.cat([p[:n] for p, n in zip(parts, sizes.tolist())])
 
 
-class RankError(ValueError):
-    """An error that one process meets alone (a bad file in its share of the data): whichever
-    process raises it prints it, not only rank 0."""
-
-
 def run_main(fn):
     """Run an entry point's work: errors a user can act on (bad input, missing files, a full disk,
-    NaN) end it with one line `error: ...` and exit status 1. The processes all meet those errors
-    together, so rank 0 alone prints them, except a RankError, which its process prints. A process
-    whose peer has died (a collective fails) exits without a traceback of its own."""
+    NaN) end it with one line `error: ...` and exit status 1. Under torchrun every process that
+    meets one prints it, `error (rank R): ...`, as some are one process's alone (a bad file in its
+    share of the data); a process whose peer died first (a collective fails) exits with one line
+    from rank 0, without a traceback of its own."""
     try:
         fn()
         shutdown(wait=True)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
-        prints = is_main() or isinstance(e, RankError)
-        where = f" (rank {rank()})" if isinstance(e, RankError) and world_size() > 1 else ""
+        where = f" (rank {rank()})" if world_size() > 1 else ""
         stop_children()
         shutdown()
-        sys.exit(f"error{where}: {e}" if prints else 1)
+        sys.exit(f"error{where}: {e}")
     except dist.DistError as e:
         prints = is_main()
         stop_children()
         shutdown()
         sys.exit(f"error: another process failed, see its message ({str(e).splitlines()[0]})"
                  if prints else 1)
+
+
+def broadcast_from_main(value):
+    """Rank 0's value on every process (itself without torchrun)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def stop_children():

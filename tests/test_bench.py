@@ -1,5 +1,5 @@
-"""bench.py: the README's command runs, its rows parse, and its FLOPs are the README's count
-(2 FLOPs per MAC of dimr.count at batch 1, 3 forward passes per training image, 4 with
+"""tools/bench.py: the docs' command runs, its rows parse, and its FLOPs are docs/speed.md's count
+(2 FLOPs per MAC of tools.count.count at batch 1, 3 forward passes per training image, 4 with
 gradient checkpointing), recomputed here; MFU is TFLOP/s over the given peak."""
 import math
 

@@ -415,12 +415,12 @@ UNIPC_OUTPUTS = np.load(Path(__file__).parent / "data" / "unipc_official.npz")
 
 
 def unipc_cases(prefix):
-    """(key, steps, order, variant, lower_order_final, skip) of the fixture's outputs."""
+    """(key, steps, order, bh, lower_order_final, skip) of the fixture's outputs."""
     for key in UNIPC_OUTPUTS.files:
         if key.startswith(prefix) and key[len(prefix)].isdigit():
-            steps, order, variant, final, *skip = key[len(prefix):].split("_", 4)
+            steps, order, bh, final, *skip = key[len(prefix):].split("_", 4)
             skip = skip[0] if skip else "logSNR"
-            yield key, int(steps), int(order), variant, final == "lof", skip
+            yield key, int(steps), int(order), bh, final == "lof", skip
 
 
 def unipc_net():
@@ -430,32 +430,32 @@ def unipc_net():
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("variant", diffusion.B_H)
-def test_unipc_equals_the_official_code_on_a_gaussian(order, variant):
+@pytest.mark.parametrize("bh", diffusion.B_H)
+def test_unipc_equals_the_official_code_on_a_gaussian(order, bh):
     x_T = torch.from_numpy(UNIPC_OUTPUTS["gauss_x_T"])
-    cases = [c for c in unipc_cases("gauss_") if c[2:4] == (order, variant)]
+    cases = [c for c in unipc_cases("gauss_") if c[2:4] == (order, bh)]
     assert len(cases) >= 8  # steps 3 (not order 3), 5, 6, 10, 20; lower_order_final or not
     for key, steps, _, _, final, skip in cases:
         out = diffusion.ode_sample(gaussian_eps, x_T, steps, order=order, method="unipc",
-                                          skip=skip, bh=variant, lower_order_final=final)
+                                          skip=skip, bh=bh, lower_order_final=final)
         np.testing.assert_allclose(out.numpy(), UNIPC_OUTPUTS[key], rtol=1e-12, atol=1e-13,
                                    err_msg=key)
 
 
 @pytest.mark.parametrize("case", list(unipc_cases("net_")), ids=lambda c: c[0])
 def test_unipc_equals_the_official_code_on_a_dimr(case):
-    key, steps, order, variant, final, skip = case
+    key, steps, order, bh, final, skip = case
     z, y = torch.from_numpy(UNIPC_OUTPUTS["net_z"]), torch.from_numpy(UNIPC_OUTPUTS["net_y"])
     with torch.no_grad():
         out = diffusion.ode_sample(diffusion.guided_eps_fn(unipc_net(), y, 0.4, 5), z, steps,
-                                          order=order, method="unipc", skip=skip, bh=variant,
+                                          order=order, method="unipc", skip=skip, bh=bh,
                                           lower_order_final=final)
     expected = UNIPC_OUTPUTS[key]
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("variant", diffusion.B_H)
-def test_uni_sum_integrates_polynomials_exactly(variant):
+@pytest.mark.parametrize("bh", diffusion.B_H)
+def test_uni_sum_integrates_polynomials_exactly(bh):
     """With two or more differences, DDIM - alpha_t uni_sum is the exact integral of the polynomial
     through the data predictions. For x0(lambda) = q(lambda) the step adds
     x_t - (sigma_t / sigma_s) x_s = sigma_t int e^lambda q(lambda) dlambda, so with
@@ -473,7 +473,7 @@ def test_uni_sum_integrates_polynomials_exactly(variant):
     def step(q, points, corrector):  # the update's integral from the data predictions q(lambda)
         at = lams[-points - 1:]
         m_t = q(lams[-1]) if corrector else None
-        uni = diffusion.uni_sum(at, [q(lam) for lam in at[:-1]], variant, m_t)
+        uni = diffusion.uni_sum(at, [q(lam) for lam in at[:-1]], bh, m_t)
         return -math.exp(at[-1]) * (math.expm1(at[-2] - at[-1]) * q(at[-2]) + uni)
 
     # UniP-3 and UniC-2 for quadratics, UniC-3 for cubics, but not UniP-3 for cubics
@@ -514,15 +514,15 @@ def test_unip2_bh2_is_dpm_solver_2m():
                                rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("variant", diffusion.B_H)
+@pytest.mark.parametrize("bh", diffusion.B_H)
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_unipc_convergence_order_on_gaussian(order, variant):
+def test_unipc_convergence_order_on_gaussian(order, bh):
     """The corrector raises the order by one: UniPC-p converges like h^(p + 1) for p = 1, 2. The
     warm-up's first step (UniC-1, local error h^3) bounds UniPC-3 at third order; its fourth-order
     terms still dominate at these steps with bh2 (observed 3.7-3.8), and partly cancel the
     third-order ones with bh1 (observed 2.6-2.8 here, 2.96 from 1024 to 2048 steps)."""
     steps = [128, 256, 512] if order == 3 else [32, 64, 128]
-    errors = [solver_error(n, order=order, method="unipc", skip="logSNR", bh=variant)
+    errors = [solver_error(n, order=order, method="unipc", skip="logSNR", bh=bh)
               for n in steps]
     assert errors[0] > errors[1] > errors[2]
     observed = math.log2(errors[1] / errors[2])
@@ -532,9 +532,9 @@ def test_unipc_convergence_order_on_gaussian(order, variant):
         assert 2.7 < observed < 4.0, (errors, observed)
 
 
-@pytest.mark.parametrize("variant", diffusion.B_H)
+@pytest.mark.parametrize("bh", diffusion.B_H)
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_unipc_corrector_lowers_the_error(order, variant):
+def test_unipc_corrector_lowers_the_error(order, bh):
     """UniPC against the same UniP predictor without the corrector, at 20 and 50 evaluations."""
     schedule, x_T = diffusion.DiscreteSchedule(), x_T_samples()
     for steps in (20, 50):
@@ -542,7 +542,7 @@ def test_unipc_corrector_lowers_the_error(order, variant):
         errors = []
         for corrector in (True, False):
             predict_x0 = diffusion.DataPrediction(gaussian_eps, schedule, steps)
-            x = diffusion.unipc(predict_x0, schedule, x_T, ts, order, variant, False,
+            x = diffusion.unipc(predict_x0, schedule, x_T, ts, order, bh, False,
                                 corrector=corrector)
             assert predict_x0.evals == steps
             errors.append(float(np.sqrt(np.mean((x.numpy() - exact_solution(x_T)) ** 2))))
@@ -580,7 +580,7 @@ def image_like_gaussian(side=8, seed=1):
 
 @pytest.mark.parametrize("spectrum", ["two-scale", "image"])
 def test_default_beats_the_release_with_a_fifth_of_its_evaluations(spectrum):
-    """The accuracy bar (README, "Sampler accuracy"), on Gaussian data: the default at 12
+    """The accuracy bar (docs/samplers.md), on Gaussian data: the default at 12
     evaluations (10 on the image-like spectrum) is at least as accurate as the release's sampler
     at 50, and at 20 as the release's at 250, its FID-50K setting."""
     mu, s = (MU, S) if spectrum == "two-scale" else image_like_gaussian()

@@ -628,6 +628,26 @@ def test_eval_prints_adm_numbers_and_caches_the_reference(tmp_path, monkeypatch,
     assert network.seen == 16 + 7 + 16  # the batch changed (mtime, size): features recomputed
 
 
+def test_ref_and_calc_reuse_the_references_cached_features(tmp_path, monkeypatch, capsys):
+    """`fid.py ref` of an image .npz caches its features as `eval` does; `calc A --ref B` and a
+    second `ref` read them (the network sees B's images once), with the same statistics."""
+    rng = np.random.default_rng(2)
+    np.savez(tmp_path / "b.npz", arr_0=_colour_images(rng.choice([0, 64, 128], size=(6, 3))))
+    np.savez(tmp_path / "a.npz", arr_0=_colour_images(rng.choice([0, 64, 128], size=(5, 3))))
+    network = _Summary()
+    monkeypatch.setattr(fid, "load_inception", lambda *args: network)
+    fid.main(["ref", str(tmp_path / "b.npz"), "-o", str(tmp_path / "b_stats.npz")])
+    assert network.seen == 6 and (tmp_path / "b.features-tf.npz").is_file()
+    fid.main(["calc", str(tmp_path / "a.npz"), "--ref", str(tmp_path / "b.npz")])
+    fid.main(["ref", str(tmp_path / "b.npz"), "-o", str(tmp_path / "again.npz")])
+    assert network.seen == 6 + 5  # only a.npz's images, the second time
+    with np.load(tmp_path / "b_stats.npz") as first, np.load(tmp_path / "again.npz") as again:
+        assert np.array_equal(first["sigma"], again["sigma"])
+    value = float(capsys.readouterr().out.split("FID: ")[1].split()[0])
+    fid.main(["calc", str(tmp_path / "a.npz"), str(tmp_path / "b_stats.npz")])
+    assert float(capsys.readouterr().out.split("FID: ")[1]) == value
+
+
 def test_eval_without_softmax_layer_says_how_to_get_the_inception_score(tmp_path, monkeypatch,
                                                                          capsys):
     images = _colour_images(np.arange(15).reshape(5, 3) * 16)

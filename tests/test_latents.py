@@ -1,6 +1,6 @@
 """The latent path (issue 7) without any download: a randomly initialised tiny AutoencoderKL built
 from a config stands in for the Stable Diffusion VAE; extraction -> shards -> train.py -> sample.py
--> decoding, and a release-format checkpoint -> dimr.py convert -> sample.py.
+-> decoding, and a release-format checkpoint -> tools/convert.py -> sample.py.
 
 Most tests need diffusers (pip install -r requirements-latent.txt). The README's test command
 installs it, so without it they fail instead of skipping."""
@@ -24,7 +24,7 @@ from tools import convert, extract_latents
 from release_reference import release_forward, release_state_dict
 
 DATA = Path(__file__).parent / "data"
-# the Stable Diffusion VAE's latent scale (LDM), written out independently of vae.py
+# the Stable Diffusion VAE's latent scale (LDM), written out independently of support/vae.py
 SCALE = 0.18215
 IMAGE_SIZE = 64  # 64 px images -> 8x8x4 latents with the tiny f8 autoencoder
 TINY_DIMR = dict(widths=(32, 16), depths=(2, 2), num_heads=2)

@@ -1,4 +1,4 @@
-"""sampler_error.py: the Gaussian problem's exact solution against the closed form of
+"""tools/sampler_error.py: the Gaussian problem's exact solution against the closed form of
 tests/test_diffusion.py (its own numpy schedule), and the trained-model table against the
 distances recomputed here."""
 import dataclasses

@@ -545,8 +545,8 @@ def test_short_demo_lowers_the_loss(tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"class accuracy of 10 EMA samples \(evenly over the 10 classes, 10 sampler "
                      r"steps, guidance scale 2, i\.e\. cfg-scale s = 1\) by an SVM of the real "
-                     r"digits: \d+\.\d% \(a short run: after 60 steps the model has not learned "
-                     r"the digits yet", out)
+                     r"digits: \d+\.\d% \(after 60 steps the model has not learned the digits "
+                     r"yet", out)
     assert {p.name for p in (run_dir / "samples").iterdir()} \
         == {"step_0000030.png", "step_0000060.png", "final_0000060.png"}
     config = json.loads((run_dir / "config.json").read_text())

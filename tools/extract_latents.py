@@ -2,9 +2,9 @@
 models.
 
 Paper Sec. 4: DiMR-XL/2R, G/2R (ImageNet 256) and XL/3R (ImageNet 512) are trained in the latent
-space of the Stable Diffusion KL-f8 VAE (vae.py), as in LDM, DiT and U-ViT. Preprocessing follows
-the release: ADM's center crop (data.center_crop_arr) to --image-size, and every image is stored
-twice, as is and horizontally flipped, so training needs no flip of its own.
+space of the Stable Diffusion KL-f8 VAE (support/vae.py), as in LDM, DiT and U-ViT. Preprocessing
+follows the release: ADM's center crop (support/data.center_crop_arr) to --image-size, and every
+image is stored twice, as is and horizontally flipped, so training needs no flip of its own.
 
 Output: a directory of shards in the latent format support/data.py reads: SHARD_NAME.format(k)
 holds the
@@ -51,7 +51,7 @@ def encode_shard(vae, samples, image_size, batch_size, workers, dtype, progress=
     loader = DataLoader(data.ImageFolderDataset(samples, image_size), batch_size=batch_size,
                         num_workers=workers, shuffle=False)
     latents, labels = [], []
-    for x, y in batches(loader):                                           # (B, 3, S, S) in [-1, 1]
+    for x, y in data.batches(loader):                                      # (B, 3, S, S) in [-1, 1]
         z = vae_lib.encode(vae, torch.cat([x, x.flip(3)]))                 # (2B, 4, S/8, S/8)
         z, z_flip = z.float().cpu().chunk(2)
         latents.append(torch.stack([z, z_flip], dim=1).flatten(0, 1).numpy().astype(dtype))
@@ -59,23 +59,6 @@ def encode_shard(vae, samples, image_size, batch_size, workers, dtype, progress=
         if progress:
             progress.update(len(y))
     return np.concatenate(latents), np.concatenate(labels).astype(np.int64)
-
-
-def batches(loader):
-    """The loader's batches; a bad image ends the run with one line naming it (data.worker_error)
-    on whichever process meets it, after the workers are shut down."""
-    iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except Exception as e:  # torch re-raises a worker's error with the worker's traceback
-            error = distributed.RankError(data.worker_error(e))
-            break
-        yield batch
-    del iterator
-    raise error
 
 
 def merge_to_npy(shard_paths, out_npy):

@@ -29,7 +29,7 @@ from diffusion import NUM_TIMESTEPS, DiscreteSchedule
 from support import checkpoints, digits, distributed
 from support.cli import Parser
 from td_ln import TimeDependentParameter, time_input
-from tools.table5 import ROWS, mean_and_spread, slug
+from tools.table5 import ROWS, mean_and_spread, run_stats as read_stats, slug
 
 NOISE_LEVELS = (1000, 700, 400, 200, 100, 30)  # DDPM steps n of branch_predictions.png
 EXAMPLE_DIGITS = (0, 3, 7)                     # the real digits it shows (their first example)
@@ -63,10 +63,9 @@ def last_checkpoint(run_dir):
 
 
 def run_stats(run_dir):
-    path = Path(run_dir) / "stats.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a train.py run folder")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    if not (Path(run_dir) / "stats.jsonl").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a train.py run folder (no stats.jsonl)")
+    return read_stats(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,6 +158,10 @@ def sampler_error(data_dir, out):
             if row in record["errors"]:
                 ax.loglog(record["evals"], record["errors"][row], "o-", markersize=3,
                           label=row.strip("*").replace(" (its dpm_solver.py 'fast')", ""))
+        ticks = [e for e in (5, 10, 20, 50, 100, 250) if min(record["evals"]) <= e
+                 <= max(record["evals"])]
+        ax.set_xticks(ticks, [str(e) for e in ticks], minor=False)
+        ax.set_xticks([], minor=True)
         ax.set(title=title, xlabel="model evaluations", ylabel="RMS error")
         ax.title.set_fontsize(9)
         ax.grid(True, which="both", alpha=0.3)
@@ -217,7 +220,7 @@ def pca_figure(pca, out):
                        label=f"{label}: first {PCA_COMPONENTS[k]}", alpha=0.45 + 0.2 * k)
         ax.set_xticks(np.arange(len(layers)), [short(l) for l in layers], rotation=90, fontsize=6)
         ax.set(ylim=(0, 1.02), ylabel="explained variance ratio",
-               title=f"{row}: PCA of each adaLN layer's shift and scale over n = 1..1000")
+               title=f"{row}: PCA of each adaLN layer's (shift, scale), n = 1..1000")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=6, ncol=2, loc="lower right")
     save(fig, out / "adaln_pca.png")
@@ -254,7 +257,7 @@ def table5_figure(record, out):
     stats = [mean_and_spread([run["fid"] for run in record["results"][r[0]]]) for r in rows]
     left.bar(x, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="C1")
     left.set(ylabel=f"FID-{record['samples']} against the real digits",
-             title="here: digits, 1,200 steps (mean and std over seeds)")
+             title=f"here: digits, {record['train_steps']:,} steps (mean and std over seeds)")
     right.bar(x, [r[3] for r in rows], color="C0")
     right.set(ylabel="FID-50K", title="the paper: ImageNet 64, 300K steps")
     for ax in (left, right):
@@ -266,22 +269,26 @@ def table5_figure(record, out):
 # ----------------------------------------------------------------------------------------------
 
 def run(args):
-    out, data_dir, table5 = Path(args.out), Path(args.data), Path(args.table5)
-    out.mkdir(parents=True, exist_ok=True)
+    out, data_dir, runs = Path(args.out), Path(args.data), Path(args.table5)
     stats, model = run_stats(args.run_dir), last_checkpoint(args.run_dir)
-    record = json.loads((table5 / "table5.json").read_text()) if (
-        table5 / "table5.json").is_file() else None
-    if record is None:
-        raise FileNotFoundError(f"{table5}: no table5.json (python -m tools.table5 --out "
-                                f"{table5})")
+    if not (runs / "table5.json").is_file():
+        raise FileNotFoundError(f"{runs}: no table5.json (python -m tools.table5 --out {runs})")
+    record = json.loads((runs / "table5.json").read_text())
+    adaln_runs = {row: sorted((runs / slug(row) / "seed0").glob("*/checkpoints"))
+                  for row in ("+ adaLN-Zero", "adaLN-Zero + multi-branch")}
+    missing = [row for row, found in adaln_runs.items() if not found]
+    if missing:
+        raise FileNotFoundError(f"{runs}: no seed-0 run of {missing[0]!r} (its adaLN-Zero "
+                                "layers are the PCA's): run tools/table5.py with seed 0")
+    out.mkdir(parents=True, exist_ok=True)
     branch_predictions(model, out)
     branch_losses(stats, out)
     fid_over_training(stats, out)
     sampler_error(data_dir, out)
     table5_figure(record, out)
     pca = {}
-    for row in ("+ adaLN-Zero", "adaLN-Zero + multi-branch"):
-        adaln = last_checkpoint(next((table5 / slug(row) / "seed0").glob("*-DiMR-S-2R")))
+    for row, found in adaln_runs.items():
+        adaln = last_checkpoint(found[-1].parent)
         pca[row] = {f"class {args.pca_class}": adaln_pca(adaln, args.pca_class),
                     "null class": adaln_pca(adaln, adaln.config.num_classes)}
     pca_figure(pca, out)

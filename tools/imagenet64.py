@@ -69,15 +69,30 @@ def read_labels(path):
 
 def copy_rows(path, out, offset, chunk, progress):
     """Stream the `data` rows of one source file into the open file `out` from byte `offset`,
-    `chunk` rows at a time (plain writes: no mapping, so memory stays one chunk)."""
-    with zipfile.ZipFile(path) as zf:
-        f, (n, row), _ = npy_member(zf, "data")
-        with f:
-            out.seek(offset)
-            for lo in range(0, n, chunk):
-                rows = min(chunk, n - lo)
-                out.write(f.read(rows * row))
-                progress.update(rows)
+    `chunk` rows at a time (plain writes: no mapping, so memory stays one chunk). A corrupt or
+    truncated source is a ValueError naming it; a failed write a WriteError naming `out`."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            f, (n, row), _ = npy_member(zf, "data")
+            with f:
+                out.seek(offset)
+                for lo in range(0, n, chunk):
+                    rows = min(chunk, n - lo)
+                    buf = f.read(rows * row)
+                    if len(buf) != rows * row:
+                        raise EOFError(f"{len(buf)} of {rows * row} bytes at row {lo}")
+                    write(out, buf)
+                    progress.update(rows)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: a corrupt or truncated .npz ({e})") from None
+
+
+def write(out, buf):
+    try:
+        out.write(buf)
+    except OSError as e:
+        raise checkpoints.WriteError(f"cannot write {out.name}: {checkpoints.plain_cause(e)}"
+                                     ) from None
 
 
 def run(args):
@@ -110,8 +125,12 @@ def run(args):
     with open(tmp, "r+b") as f:
         for k in todo:
             copy_rows(files[k], f, start + offsets[k] * row_bytes, args.chunk, progress)
-            f.flush()
-            os.fsync(f.fileno())  # the rows are on disk before the record says so
+            try:
+                f.flush()
+                os.fsync(f.fileno())  # the rows are on disk before the record says so
+            except OSError as e:
+                raise checkpoints.WriteError(f"cannot write {tmp}: {checkpoints.plain_cause(e)}"
+                                             ) from None
             done.append(str(files[k].resolve()))
             checkpoints.write_text(record, json.dumps({"plan": plan, "done": done}) + "\n")
     with checkpoints.atomic_write(data.labels_npy_path(out)) as labels_tmp, \

@@ -26,8 +26,8 @@ from diffusion import (B_H, DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHO
 from support import checkpoints, distributed
 from support.cli import Parser, add_threads_flag, number
 
-# The named rows (--rows): the release's sampler, DPM-Solver++ (singlestep 3 was the default before
-# UniPC), the UniPC candidates, and the default (ode_sample's, which depends on the steps).
+# The named rows (--rows): the release's sampler, DPM-Solver++(3S), the UniPC candidates, and the
+# default (ode_sample's, which depends on the steps).
 ROWS = {"release": ("release (its dpm_solver.py 'fast')", RELEASE_SAMPLER),
         "dpm-3s": ("DPM-Solver++(3S)", dict(method="singlestep", order=3, skip="logSNR")),
         **{f"unipc-{o}-{bh}{'-lof' * lof}": (f"UniPC-{o} {bh}{', lower-order final' * lof}",
@@ -57,23 +57,23 @@ def gaussian_problem(spectrum, side, batch, seed):
     else:
         s = torch.tensor([0.5, 2.0], dtype=torch.float64).repeat(side * side)[: side * side]
     mu = torch.rand(side * side, generator=g, dtype=torch.float64) * 2 - 1
-    ns = DiscreteSchedule()
-    alpha, sigma = ns.alpha_t(1.0), ns.sigma_t(1.0)
+    schedule = DiscreteSchedule()
+    alpha, sigma = schedule.alpha_t(1.0), schedule.sigma_t(1.0)
     z = torch.randn(batch, side * side, generator=g, dtype=torch.float64)
     return mu, s, alpha * mu + torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2) * z
 
 
 def gaussian_solution(mu, s, x_T):
     """The optimal eps_fn of N(mu, diag(s^2)) and the exact ODE solution at n = 1 from x_T."""
-    ns = DiscreteSchedule()
+    schedule = DiscreteSchedule()
 
     def marginal(t):  # mean and standard deviation of x_t
-        alpha, sigma = ns.alpha_t(t), ns.sigma_t(t)
+        alpha, sigma = schedule.alpha_t(t), schedule.sigma_t(t)
         return alpha * mu, torch.sqrt(alpha ** 2 * s ** 2 + sigma ** 2)
 
     def eps_fn(x, n):
         t = (n.double() / NUM_TIMESTEPS)[:, None]
-        alpha, sigma = ns.alpha_t(t), ns.sigma_t(t)
+        alpha, sigma = schedule.alpha_t(t), schedule.sigma_t(t)
         return (sigma * (x.double() - alpha * mu) / (alpha ** 2 * s ** 2 + sigma ** 2)).to(x.dtype)
 
     (m_T, sd_T), (m_0, sd_0) = marginal(1.0), marginal(1.0 / NUM_TIMESTEPS)

@@ -58,7 +58,7 @@ def trained_run(root, arch, multiscale, seed, steps, threads):
     if found and int(found[-1].stem.split("_")[1]) == steps:
         return found[-1].parent.parent
     if found:
-        train.main(["--resume", str(found[-1]), *threads])
+        train.main(["--resume", str(found[-1]), "--steps", str(steps), *threads])
     else:
         train.main(["--variant", "s", "--seed", str(seed), "--steps", str(steps), "--minutes", "0",
                     "--eval-images", "0", "--results-dir", str(root),
@@ -67,21 +67,31 @@ def trained_run(root, arch, multiscale, seed, steps, threads):
     return sorted(root.glob("*/checkpoints"))[-1].parent
 
 
+def train_seconds(stats):
+    """The training time of a run, over all its invocations: the seconds per step of each log
+    interval times its steps."""
+    logged = [s for s in stats if "s_per_step" in s]
+    return sum(s["s_per_step"] * (s["step"] - prev["step"])
+               for prev, s in zip([{"step": 0}] + logged, logged))
+
+
+def run_stats(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
+
+
 def evaluate(run_dir, num_samples, reference, inception):
-    """FID, class accuracy, final loss, parameters and training seconds of a finished run."""
+    """FID, class accuracy, final loss and parameters of a finished run."""
     path = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
     model, _ = checkpoints.load_model(path)
     labels = sample.parse_classes("even", num_samples, model.config.num_classes, 0)
     x = sample.generate(model, labels, range(num_samples), steps=SAMPLER_STEPS, cfg_scale=0.0)
     images = sample.to_uint8(x)
     features = fid.inception_features(images, inception, label=f"table5: {run_dir}")
-    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    last = [s for s in stats if "loss" in s][-1]
+    last = [s for s in run_stats(run_dir) if "loss" in s][-1]
     return {"fid": fid.frechet_distance(*fid.feature_statistics(features), *reference),
             "accuracy": digits.digit_class_accuracy(images, labels)["accuracy"],
-            "loss": last["loss_branches"][-1] if last["loss_branches"] else last["loss"],
-            "parameters": sum(v.numel() for v in model.state_dict().values()),
-            "train_seconds": last["time"]}
+            "loss": last["loss_branches"][-1],
+            "parameters": sum(v.numel() for v in model.state_dict().values())}
 
 
 def mean_and_spread(values):
@@ -123,7 +133,9 @@ def run(args):
                 result = {"seed": seed, "run": str(run_dir),
                           **evaluate(run_dir, args.samples, reference, inception)}
                 checkpoints.write_text(done, json.dumps(result, indent=1) + "\n")
-            results.setdefault(name, []).append(json.loads(done.read_text()))
+            result = json.loads(done.read_text())
+            result["train_seconds"] = train_seconds(run_stats(result["run"]))
+            results.setdefault(name, []).append(result)
     record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "cfg_scale": 0.0,
               "fid_reference": args.fid_ref or "the 1,797 real digits",
               "train_steps": args.steps, "results": results,
