@@ -29,4 +29,6 @@ if __name__ == "__main__":
     before, during = private_kb(), []
     train.maintenance = measured(train.maintenance, during)
     train.main(sys.argv[1:])
-    print(f"private_memory {os.environ.get('RANK', 0)} {before} {max(during)}", flush=True)
+    # one write, so that the lines of the two processes do not interleave
+    sys.stdout.write(f"private_memory {os.environ.get('RANK', 0)} {before} {max(during)}\n")
+    sys.stdout.flush()

@@ -2,6 +2,7 @@
 flattened by hand, ADM's center crop against closed forms, image folders of known colours, the three
 latent layouts the extractor may write, and the warning about per-process copies under torchrun."""
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -307,8 +308,7 @@ def test_two_processes_share_the_memory_mapped_images(tmp_path):
          "--sample-every", "0", "--workers", "0", "--results-dir", str(tmp_path / "runs")],
         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-2000:]
-    growth = {int(rank): (int(during) - int(before)) * 1024 for _, rank, before, during in
-              (line.split() for line in result.stdout.splitlines()
-               if line.startswith("private_memory"))}
+    growth = {int(rank): (int(during) - int(before)) * 1024 for rank, before, during in
+              re.findall(r"private_memory (\d+) (\d+) (\d+)", result.stdout)}
     size = n * 3 * S * S
     assert sorted(growth) == [0, 1] and all(g < size / 2 for g in growth.values()), (growth, size)
