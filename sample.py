@@ -12,14 +12,14 @@ file turns a checkpoint into images:
   finished batch is saved as DIR/parts/batch_NNNNNN.npy (atomically), and the processes share the
   unfinished ones. A run that is interrupted (killed, preempted) and started again with the same
   arguments, on any number of processes, samples only the missing batches, so its samples.npz
-  equals an uninterrupted run's. At the end the parts are merged into one .npz in index order.
+  equals an uninterrupted run's (support/sample_parts.py). At the end the parts are merged into
+  one .npz in index order.
 
 Outputs in --out: grid.png (at most 64 images, evenly spread over the indices so that they span
 the classes, each labelled with its class id), images/000000.png ... (one per image), samples.npz
 with arr_0 uint8 [N, H, W, 3] (the ADM evaluation suite's layout) and labels int64 [N].
 """
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 import diffusion
 from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, ORDERS, RELEASE_SAMPLER,
                        SPACINGS, B_H, ddpm_sample, ode_sample, sampler_settings)
-from support import checkpoints, distributed, images as image_files, vae as vae_lib
+from support import checkpoints, distributed, images as image_files, sample_parts, vae as vae_lib
 from support.cli import Parser, add_threads_flag, number
 from support.progress import Progress
 
@@ -252,41 +252,6 @@ def build_parser():
     return p
 
 
-def batch_path(parts, b):
-    return parts / f"batch_{b:06d}.npy"
-
-
-def check_parts(parts, settings):
-    """A ValueError if DIR/parts holds an unfinished run sampled with other settings
-    (parts/settings.json, written by the first run)."""
-    record = parts / "settings.json"
-    stored = json.loads(record.read_text()) if record.is_file() else settings
-    changed = [f"{k} {stored.get(k)!r} there, {v!r} here" for k, v in settings.items()
-               if stored.get(k) != v]
-    if changed:
-        raise ValueError(f"{parts} holds an unfinished run with other settings "
-                         f"({'; '.join(changed)}): rerun with its arguments to continue it, "
-                         f"or remove {parts}")
-
-
-def open_parts(parts, settings):
-    """The finished batches of DIR/parts (its settings checked by check_parts). Rank 0 creates
-    the folder and removes what a killed process left half-written; every rank then reads the
-    same state."""
-    record = parts / "settings.json"
-    if distributed.is_main():
-        parts.mkdir(parents=True, exist_ok=True)
-        for stale in parts.glob(".batch_*"):  # temporary files of an interrupted write
-            stale.unlink()
-        if not record.is_file():
-            checkpoints.write_text(record, json.dumps(settings, indent=2) + "\n")
-    distributed.barrier()
-    check_parts(parts, settings)  # a run started at the same time with other settings
-    done = {int(p.stem.split("_")[1]) for p in parts.glob("batch_*.npy")}
-    distributed.barrier()  # every rank has seen the same finished batches before any writes one
-    return done
-
-
 def run(args):
     sampler = sampler_of(args.method, args.steps, args.order, args.skip, args.bh,
                          args.lower_order_final)
@@ -302,7 +267,7 @@ def run(args):
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png", "threads")}
     settings["checkpoint"] = str(Path(args.checkpoint).resolve())
     parts = out / "parts"
-    check_parts(parts, settings)  # before the VAE: an unfinished run with other settings
+    sample_parts.check_settings(parts, settings)  # before the VAE is loaded
     vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
     name = ("DDPM, 1000 ancestral steps" if sampler == "ddpm" else f"{args.steps} steps of "
             + ("the release's sampler" if args.method == "release" else
@@ -314,7 +279,7 @@ def run(args):
                        f"{args.cfg_scale}, decay power {args.decay_power}, {args.weights} "
                        f"weights, {args.precision}")
 
-    done = open_parts(parts, settings)
+    done = sample_parts.finished_batches(parts, settings)
     batches = [np.arange(lo, min(lo + args.batch_size, args.num_images))
                for lo in range(0, args.num_images, args.batch_size)]
     todo = [b for b in range(len(batches)) if b not in done][rank::world]
@@ -327,7 +292,7 @@ def run(args):
         x = generate(model, labels[idx], args.seed + idx, steps=args.steps,
                      cfg_scale=args.cfg_scale, decay_power=args.decay_power, sampler=sampler,
                      batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
-        save_batch(decode_to_uint8(x.to(device), cfg, vae), idx, batch_path(parts, b),
+        save_batch(decode_to_uint8(x.to(device), cfg, vae), idx, sample_parts.batch_file(parts, b),
                    None if args.no_png else out / "images")
         if bar:
             bar.update(len(idx))
@@ -351,7 +316,7 @@ def save_batch(images, indices, part, png_dir=None):
 def merge_parts(parts, out, num_batches, batch_size, labels):
     """samples.npz and grid.png from the parts (memory-mapped, never all in memory at once); then
     the parts go. Returns the shape of arr_0."""
-    paths = [batch_path(parts, b) for b in range(num_batches)]
+    paths = [sample_parts.batch_file(parts, b) for b in range(num_batches)]
     arrays = [np.load(p, mmap_mode="r") for p in paths]
     image_files.write_npz(out / "samples.npz", arrays, labels)
     shown = grid_indices(len(labels))

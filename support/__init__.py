@@ -11,5 +11,6 @@ fid.py) need but the paper does not describe. One module per job:
 - inception_weights: where the FID Inception's weights come from
 - progress: progress lines of long work
 - run_folder: the folder of one training run
+- sample_parts: resumable sampling, the finished batches of a sample.py run
 - vae: the Stable Diffusion autoencoder of the latent models
 """
