@@ -1,7 +1,7 @@
 """Training DiMR with plain torch.distributed (paper Sec. 3.2 and Sec. 4, the release's settings).
 
     python train.py                                               # the digits demo, CPU
-    torchrun --nproc_per_node=8 train.py --variant m --data imagenet64.npy     # DiMR-M/3R
+    torchrun --nproc_per_node=8 train.py --variant m --data in64.npy           # DiMR-M/3R
     torchrun --nproc_per_node=8 train.py --variant xl --data latents/in256.npy # DiMR-XL/2R
     python train.py --resume runs/000-DiMR-S-2R                   # continue where it stopped
 
