@@ -31,6 +31,14 @@ def find_checkpoint(path):
     return path, found[-1]
 
 
+def read_stats(run_dir):
+    """The records of a run's stats.jsonl, oldest first ([] before the first)."""
+    path = Path(run_dir) / "stats.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 class RunFolder:
     """A new numbered run folder under `results_dir`, or the resumed one `resume_dir` with
     stats.jsonl cut back to `step`; config.json gets `config`."""
@@ -51,9 +59,7 @@ class RunFolder:
                                             default=(math.inf, None))
 
     def stats(self):
-        if not self.stats_path.is_file():
-            return []
-        return [json.loads(line) for line in self.stats_path.read_text().splitlines() if line]
+        return read_stats(self.dir)
 
     def append(self, record):
         """One line more in stats.jsonl; on a failed write the file is cut back as it was."""

@@ -29,7 +29,8 @@ from diffusion import NUM_TIMESTEPS, DiscreteSchedule
 from support import checkpoints, digits, distributed
 from support.cli import Parser
 from td_ln import TimeDependentParameter, time_input
-from tools.table5 import ROWS, mean_and_spread, run_stats as read_stats, slug
+from support.run_folder import read_stats
+from tools.table5 import ROWS, mean_and_spread, slug
 
 NOISE_LEVELS = (1000, 700, 400, 200, 100, 30)  # DDPM steps n of branch_predictions.png
 EXAMPLE_DIGITS = (0, 3, 7)                     # the real digits it shows (their first example)

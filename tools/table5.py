@@ -33,6 +33,7 @@ import fid
 import sample
 import train
 from support import checkpoints, digits, distributed
+from support.run_folder import read_stats
 from support.cli import Parser, add_threads_flag, number
 
 # (name, --arch overrides, multi-scale loss, the paper's FID and parameters in millions)
@@ -75,10 +76,6 @@ def train_seconds(stats):
                for prev, s in zip([{"step": 0}] + logged, logged))
 
 
-def run_stats(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
-
-
 def evaluate(run_dir, num_samples, reference, inception):
     """FID, class accuracy, final loss and parameters of a finished run."""
     path = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
@@ -87,7 +84,7 @@ def evaluate(run_dir, num_samples, reference, inception):
     x = sample.generate(model, labels, range(num_samples), steps=SAMPLER_STEPS, cfg_scale=0.0)
     images = sample.to_uint8(x)
     features = fid.inception_features(images, inception, label=f"table5: {run_dir}")
-    last = [s for s in run_stats(run_dir) if "loss" in s][-1]
+    last = [s for s in read_stats(run_dir) if "loss" in s][-1]
     return {"fid": fid.frechet_distance(*fid.feature_statistics(features), *reference),
             "accuracy": digits.digit_class_accuracy(images, labels)["accuracy"],
             "loss": last["loss_branches"][-1],
@@ -134,7 +131,7 @@ def run(args):
                           **evaluate(run_dir, args.samples, reference, inception)}
                 checkpoints.write_text(done, json.dumps(result, indent=1) + "\n")
             result = json.loads(done.read_text())
-            result["train_seconds"] = train_seconds(run_stats(result["run"]))
+            result["train_seconds"] = train_seconds(read_stats(result["run"]))
             results.setdefault(name, []).append(result)
     record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "cfg_scale": 0.0,
               "fid_reference": args.fid_ref or "the 1,797 real digits",
