@@ -86,12 +86,17 @@ def as_8x8_digits(images):
     return images.reshape(n, DIGITS_SIZE, k, DIGITS_SIZE, k).mean((2, 4))  # (N, 8, 8)
 
 
-def train_digit_classifier(images=None, labels=None):
-    """RBF SVC on digits (N, 8, 8) in [0, 1] (default: all real digits)."""
+def train_digit_classifier(images=None, labels=None, probability=False):
+    """RBF SVC on digits (N, 8, 8) in [0, 1] (default: all real digits). probability=True: the
+    same SVC with class probabilities, Platt-scaled on 5-fold cross-validated decisions
+    (scikit-learn's CalibratedClassifierCV, folds in data order, so deterministic)."""
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.svm import SVC
     if images is None:
         images, labels = load_real_digits()
     classifier = SVC(gamma=DIGITS_SVC_GAMMA)
+    if probability:
+        classifier = CalibratedClassifierCV(classifier, ensemble=False, cv=5)
     classifier.fit(np.asarray(images).reshape(len(images), -1) * DIGITS_LEVELS, labels)
     return classifier
 
@@ -116,6 +121,17 @@ def digit_class_accuracy(images, labels, classifier=None):
     per_class = np.array([correct[labels == c].mean() if (labels == c).any() else np.nan
                           for c in range(DIGITS_CLASSES)])
     return {"accuracy": float(correct.mean()), "per_class": per_class}
+
+
+def class_confidence(images, labels, classifier=None):
+    """(N,) the probability a classifier of the real digits gives each digit's conditioned class
+    (default: train_digit_classifier(probability=True) on all real digits, which never saw a
+    generated one). images: see as_8x8_digits; labels (N,) ints in 0..9."""
+    digits = as_8x8_digits(images)
+    if classifier is None:
+        classifier = train_digit_classifier(probability=True)
+    p = classifier.predict_proba(digits.reshape(len(digits), -1) * DIGITS_LEVELS)  # (N, 10)
+    return p[np.arange(len(digits)), np.searchsorted(classifier.classes_, labels)]
 
 
 def evaluate(model, run_dir, step, num_images, sample_steps, cfg_scale, device):

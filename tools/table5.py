@@ -9,6 +9,8 @@ of batch 64, lr 3e-3, EMA 0.993) without its time cap, so that every row gets th
   U-ViT baseline             one Transformer branch, LN + time token, 4x GELU MLP, 2 blocks
                              deeper than DiMR's Transformer branch (the paper: 17 against 15)
   + adaLN-Zero               the same with DiT's adaLN-Zero in place of LN + time token
+  TD-LN, one branch          the same with TD-LN (not in the paper: the control that lets
+                             "multi-branch helps" be judged for TD-LN as for adaLN-Zero)
   adaLN-Zero + multi-branch  DiMR-S/2R's branches with adaLN-Zero and GELU MLPs
   TD-LN + multi-branch       ... with TD-LN
   + GLU                      ... with GLU MLPs
@@ -20,19 +22,30 @@ without guidance (as the paper's ImageNet 64 numbers), with the default sampler 
 - FID against the 1,797 real digits, with the default `tf` preprocessing (fid.py);
 - class accuracy by the SVM of the real digits (support/digits.py);
 - the final loss: the full-resolution branch's term of the loss, averaged over the last 100 steps
-  (the one term every row trains).
-Runs and their results are kept in --out; a rerun skips what is done and resumes a run cut short.
+  (the one term every row trains);
+- distortion in miniature: the probability a classifier of the real digits (an SVM that never saw
+  a generated digit, support/digits.class_confidence) gives each sample's conditioned class; the
+  share below LOW_CONFIDENCE, a threshold fixed before any sample was scored, and the indices of
+  the PICKS lowest (the paper has people judge a classifier's picks; here the classifier alone
+  judges).
+Each run folder keeps its samples (samples.npz) and result.json: the numbers, the training command,
+the commit, and the wall time of its training and of its evaluation. Runs and their results are
+kept in --out; a rerun skips what is done and resumes a run cut short. table5.json (and --json)
+gathers every result with this command's own record (support/provenance.py).
 """
 import json
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import fid
 import sample
 import train
-from support import checkpoints, digits, distributed
+from support import checkpoints, digits, distributed, provenance
 from support.run_folder import read_stats
 from support.cli import Parser, add_threads_flag, number
 
@@ -40,12 +53,15 @@ from support.cli import Parser, add_threads_flag, number
 ROWS = [
     ("U-ViT baseline", ("depths=7", "widths=96", "norm=ln", "mlp=gelu"), True, 5.85, 130.9),
     ("+ adaLN-Zero", ("depths=7", "widths=96", "norm=adaln_zero", "mlp=gelu"), True, 5.44, 202.4),
+    ("TD-LN, one branch", ("depths=7", "widths=96", "mlp=gelu"), True, None, None),
     ("adaLN-Zero + multi-branch", ("norm=adaln_zero", "mlp=gelu"), False, 7.91, 217.9),
     ("TD-LN + multi-branch", ("mlp=gelu",), False, 5.21, 154.0),
     ("+ GLU", (), False, 4.86, 132.9),
     ("+ multi-scale loss (= DiMR-S/2R)", (), True, 3.65, 132.9),
 ]
 SAMPLER_STEPS = sample.DEFAULT_STEPS
+LOW_CONFIDENCE = 0.5  # a sample whose conditioned class gets a lower probability is a pick
+PICKS = 16            # the lowest-confidence samples kept per run, for the figure
 
 
 def slug(name):
@@ -53,19 +69,21 @@ def slug(name):
 
 
 def trained_run(root, arch, multiscale, seed, steps, threads):
-    """Train one row and seed under root (resuming a run cut short); its run folder."""
+    """Train one row and seed under root (resuming a run cut short). Returns its run folder and
+    the train.py command of this call (None when it was already trained)."""
     found = sorted(root.glob("*/checkpoints/ckpt_*.pt"))
     threads = ["--threads", str(threads)] if threads else []
     if found and int(found[-1].stem.split("_")[1]) == steps:
-        return found[-1].parent.parent
+        return found[-1].parent.parent, None
     if found:
-        train.main(["--resume", str(found[-1]), "--steps", str(steps), *threads])
+        argv = ["--resume", str(found[-1]), "--steps", str(steps), *threads]
     else:
-        train.main(["--variant", "s", "--seed", str(seed), "--steps", str(steps), "--minutes", "0",
-                    "--eval-images", "0", "--results-dir", str(root),
-                    "--multiscale-loss" if multiscale else "--no-multiscale-loss",
-                    *(["--arch", *arch] if arch else []), *threads])
-    return sorted(root.glob("*/checkpoints"))[-1].parent
+        argv = ["--variant", "s", "--seed", str(seed), "--steps", str(steps), "--minutes", "0",
+                "--eval-images", "0", "--results-dir", str(root),
+                "--multiscale-loss" if multiscale else "--no-multiscale-loss",
+                *(["--arch", *arch] if arch else []), *threads]
+    train.main(argv)
+    return sorted(root.glob("*/checkpoints"))[-1].parent, provenance.command("python train.py", argv)
 
 
 def train_seconds(stats):
@@ -76,19 +94,27 @@ def train_seconds(stats):
                for prev, s in zip([{"step": 0}] + logged, logged))
 
 
-def evaluate(run_dir, num_samples, reference, inception):
-    """FID, class accuracy, final loss and parameters of a finished run."""
+def evaluate(run_dir, num_samples, reference, inception, confidence_classifier):
+    """FID, class accuracy, final loss, parameters and the low-confidence share of a finished
+    run; its samples go to run_dir/samples.npz (arr_0 uint8 [N, 8, 8, 3], labels)."""
     path = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
     model, _ = checkpoints.load_model(path)
     labels = sample.parse_classes("even", num_samples, model.config.num_classes, 0)
     x = sample.generate(model, labels, range(num_samples), steps=SAMPLER_STEPS, cfg_scale=0.0)
     images = sample.to_uint8(x)
+    with checkpoints.atomic_write(run_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, labels=labels)
     features = fid.inception_features(images, inception, label=f"table5: {run_dir}")
     last = [s for s in read_stats(run_dir) if "loss" in s][-1]
+    confidence = digits.class_confidence(images, labels, confidence_classifier)
+    picks = np.argsort(confidence, kind="stable")[:PICKS]
     return {"fid": fid.frechet_distance(*fid.feature_statistics(features), *reference),
             "accuracy": digits.digit_class_accuracy(images, labels)["accuracy"],
             "loss": last["loss_branches"][-1],
-            "parameters": sum(v.numel() for v in model.state_dict().values())}
+            "parameters": sum(v.numel() for v in model.state_dict().values()),
+            "low_confidence": float(np.mean(confidence < LOW_CONFIDENCE)),
+            "mean_confidence": float(np.mean(confidence)),
+            "picks": picks.tolist(), "pick_confidences": confidence[picks].tolist()}
 
 
 def mean_and_spread(values):
@@ -104,14 +130,16 @@ def table(results):
         if not runs:
             continue
         cells = [mean_and_spread([r[key] for r in runs]) for key in ("fid", "accuracy", "loss")]
-        lines.append(f"| {name} | {paper_fid} | {paper_params}M | {cells[0][0]:.2f} +- "
+        paper_params = "-" if paper_params is None else f"{paper_params}M"
+        lines.append(f"| {name} | {paper_fid or '-'} | {paper_params} | {cells[0][0]:.2f} +- "
                      f"{cells[0][1]:.2f} | {100 * cells[1][0]:.1f}% +- {100 * cells[1][1]:.1f} | "
                      f"{cells[2][0]:.4f} +- {cells[2][1]:.4f} | {runs[0]['parameters']:,} | "
                      f"{len(runs)} |")
     return "\n".join(lines)
 
 
-def run(args):
+def run(args, argv):
+    start = time.time()
     distributed.set_threads(args.threads)
     out = Path(args.out)
     inception = fid.load_inception()
@@ -120,23 +148,29 @@ def run(args):
     else:
         ref = fid.reference_batch(digits.reference_batch_path(), lambda: inception)
         reference = ref["mu"], ref["sigma"]
-    results, start = {}, time.time()
+    classifier = digits.train_digit_classifier(probability=True)
+    results = {}
     for name, arch, multiscale, _, _ in ROWS[:args.rows]:
         for seed in args.seeds:
             root = out / slug(name) / f"seed{seed}"
             done = root / "result.json"
             if not done.is_file():
-                run_dir = trained_run(root, arch, multiscale, seed, args.steps, args.threads)
+                began = time.time()
+                run_dir, command = trained_run(root, arch, multiscale, seed, args.steps,
+                                               args.threads)
+                trained = time.time()
                 result = {"seed": seed, "run": str(run_dir),
-                          **evaluate(run_dir, args.samples, reference, inception)}
+                          **evaluate(run_dir, args.samples, reference, inception, classifier),
+                          "train_command": command, "commit": provenance.commit(),
+                          "train_wall_seconds": round(trained - began, 1),
+                          "eval_wall_seconds": round(time.time() - trained, 1),
+                          "train_seconds_logged": round(train_seconds(read_stats(run_dir)), 1)}
                 checkpoints.write_text(done, json.dumps(result, indent=1) + "\n")
-            result = json.loads(done.read_text())
-            result["train_seconds"] = train_seconds(read_stats(result["run"]))
-            results.setdefault(name, []).append(result)
+            results.setdefault(name, []).append(json.loads(done.read_text()))
     record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "cfg_scale": 0.0,
               "fid_reference": args.fid_ref or "the 1,797 real digits",
-              "train_steps": args.steps, "results": results,
-              "seconds_this_call": time.time() - start}
+              "train_steps": args.steps, "low_confidence_threshold": LOW_CONFIDENCE,
+              "results": results, "this_call": provenance.record("python -m tools.table5", argv, start)}
     checkpoints.write_text(out / "table5.json", json.dumps(record, indent=1) + "\n")
     if args.json:
         checkpoints.write_text(args.json, json.dumps(record, indent=1) + "\n")
@@ -159,7 +193,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here (docs/data/)")
     add_threads_flag(p)
     args = p.parse_args(argv)
-    distributed.run_main(lambda: run(args))
+    distributed.run_main(lambda: run(args, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
