@@ -21,7 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-NUM_TIMESTEPS = 1000  # DDPM steps n = 1..1000
+from td_ln import NUM_TIMESTEPS  # T = 1000: DDPM steps n = 1..T (also the scale of TD-LN's t~)
+
 BETA_START = 0.00085  # beta_1 of the scaled-linear ("Stable Diffusion") schedule
 BETA_END = 0.012  # beta_1000
 
@@ -72,8 +73,8 @@ class DiscreteSchedule:
         if key not in self._q_tables:  # the roots in float64, then rounded once to the data's dtype
             table = torch.stack([self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt()])
             self._q_tables[key] = table.to(device=x0.device, dtype=x0.dtype)
-        a, s = self._q_tables[key][:, n - 1].view(2, -1, *(1,) * (x0.dim() - 1))  # (B, 1, ..., 1)
-        return a * x0 + s * eps
+        coef_x0, coef_eps = self._q_tables[key][:, n - 1].view(2, -1, *(1,) * (x0.dim() - 1))
+        return coef_x0 * x0 + coef_eps * eps                                  # coefs (B, 1, .., 1)
 
     # -- sampling: continuous time t = n / 1000 --------------------------------------------------
     def log_alpha_t(self, t):
@@ -145,26 +146,27 @@ def multiscale_loss(preds, eps, weights=None):
 # 3. Classifier-free guidance (Ho & Salimans 2022): the model wrapper
 # ----------------------------------------------------------------------------------------------
 
-def guided_eps_fn(model, y, scale, null_class, decay_power=None):
+def guided_eps_fn(model, y, guidance, null_class, decay_power=None):
     """Wrap DiMR into eps_fn(x, n): the full-resolution noise prediction, guided.
 
     model(x, n, y) takes x [B, C, H, W], n float [B] on the 0..1000 step scale and y int64 [B],
     and returns the per-branch predictions, the full-resolution one last.
-    Two conventions for the same guidance, side by side:
-      release:  eps = eps_c + s * (eps_c - eps_u),   scale = s   (the release's "cfg scale 0.4")
-      usual w:  eps = eps_u + w * (eps_c - eps_u),   w = 1 + s   (= guidance scale 1.4)
-    `scale` is always the release's s; s = 0 is no guidance, run with one forward pass only.
-    With decay_power = p the usual w follows the power-cosine schedule
+    `guidance` is s, the guidance in the release's convention; two conventions for the same
+    guidance, side by side:
+      release:  eps = eps_c + s * (eps_c - eps_u)       (the release's "cfg scale", 0.4 at 256 px)
+      usual:    eps = eps_u + w * (eps_c - eps_u),  w = 1 + s   (the guidance scale, 1.4)
+    s = 0 is no guidance, run with one forward pass only. With decay_power = p the usual w follows
+    the power-cosine schedule
       w(n) = 1 + (w - 1) * (1 - cos(pi * (1 - n/1000)^p)) / 2,
-    which is 1 (no guidance) at n = 1000 and rises to w as n -> 0.
+    which is 1 (no guidance) at n = 1000 and rises to w as n -> 0; that is s(n) = w(n) - 1.
     Otherwise the conditional and null-class halves go through the model as one batch.
     """
-    if not 0 <= scale < math.inf:
-        raise ValueError(f"guidance scale must be finite and >= 0 (release convention, 0 = none), "
-                         f"got {scale}")
+    if not 0 <= guidance < math.inf:
+        raise ValueError(f"guidance s must be finite and >= 0 (release convention, 0 = none), "
+                         f"got {guidance}")
     if decay_power is not None and decay_power <= 0:
         raise ValueError(f"decay_power must be > 0, got {decay_power}")
-    if scale == 0:
+    if guidance == 0:
         return lambda x, n: model(x, n, y)[-1]
     y_null = torch.full_like(y, null_class)
 
@@ -173,7 +175,7 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
         # The combination in float32 at least: under bf16 autocast eps_c - eps_u would lose digits.
         out = out.to(torch.promote_types(out.dtype, torch.float32))
         eps_c, eps_u = out.chunk(2)  # (B, C, H, W) each
-        s = torch.full_like(n, scale)
+        s = torch.full_like(n, guidance)                                    # s(n), (B,)
         if decay_power is not None:
             s = s * (1 - torch.cos(math.pi * (1 - n / NUM_TIMESTEPS) ** decay_power)) / 2
         return eps_c + s.to(out.dtype).view(-1, *(1,) * (x.dim() - 1)) * (eps_c - eps_u)
@@ -184,14 +186,15 @@ def guided_eps_fn(model, y, scale, null_class, decay_power=None):
 # ----------------------------------------------------------------------------------------------
 # 4. Samplers
 # ----------------------------------------------------------------------------------------------
-# With the data prediction x0(x_t, t) = (x_t - sigma_t eps(x_t, t)) / alpha_t, the probability-flow
-# ODE from s to t has the exact solution (DPM-Solver++)
-#     x_t = (sigma_t / sigma_s) x_s
-#           + sigma_t * int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda.
-# Expanding x0 around lambda_s as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_s) / h, so that
-# D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
+# With the data prediction x0(x_t, t) = (x_t - sigma_t eps(x_t, n = 1000 t)) / alpha_t, the
+# probability-flow ODE from an earlier time t' (t_prev) to t < t' has the exact solution
+# (DPM-Solver++, which writes s for t')
+#     x_t = (sigma_t / sigma_t') x_t'
+#           + sigma_t * int_{lambda_t'}^{lambda_t} e^lambda x0(lambda) dlambda.
+# Expanding x0 around lambda_t' as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_t') / h, so
+# that D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
 # A solver of order k estimates D0..D_{k-1}: singlestep (the release's) from extra evaluations
-# inside [s, t]; UniPC (the default) from the previous steps' data predictions, with a corrector
+# inside [t', t]; UniPC (the default) from the previous steps' data predictions, with a corrector
 # that reuses the next step's evaluation.
 
 SPACINGS = ("time_uniform", "time_quadratic", "logSNR")
@@ -202,11 +205,12 @@ B_H = ("bh1", "bh2")  # UniPC's B(h), see uni_sum
 # The authors' release: its dpm_solver.py, DPM_Solver(..., predict_x0=True).sample(x, steps,
 # eps=1/1000, T=1) with the defaults order=3, skip_type='time_uniform', method='fast': our
 # singlestep solver on a time-uniform grid (see `singlestep`).
-RELEASE_SAMPLER = dict(method="singlestep", order=3, skip="time_uniform")
+RELEASE_SAMPLER = dict(method="singlestep", order=3, spacing="time_uniform")
 # Our default, chosen by measurement (docs/samplers.md): UniPC-3 with B(h) 'bh1' on logSNR steps;
 # with fewer than FEW_STEPS evaluations, where third order is the less accurate, UniPC-2 with 'bh2'
 # and lower-order final steps.
-DEFAULT_SAMPLER = dict(method="unipc", order=3, skip="logSNR", bh="bh1", lower_order_final=False)
+DEFAULT_SAMPLER = dict(method="unipc", order=3, spacing="logSNR", bh="bh1",
+                       lower_order_final=False)
 FEW_STEPS = 8
 FEW_STEPS_SAMPLER = dict(DEFAULT_SAMPLER, order=2, bh="bh2", lower_order_final=True)
 
@@ -219,22 +223,22 @@ def sampler_settings(steps, **given):
 
 def sampler_name(settings):
     """'unipc 3 logSNR bh1', 'unipc 2 logSNR bh2, lower-order final', 'singlestep 3 logSNR'."""
-    name = f"{settings['method']} {settings['order']} {settings['skip']}"
+    name = f"{settings['method']} {settings['order']} {settings['spacing']}"
     if settings["method"] == "unipc":
         name += f" {settings['bh']}" + ", lower-order final" * settings["lower_order_final"]
     return name
 
 
-def time_steps(schedule, skip, num):
+def time_steps(schedule, spacing, num):
     """num + 1 times from t = 1 down to t = 1/1000 (n = 1000 .. 1), float64 [num + 1].
 
     time_uniform: uniform in t; time_quadratic: uniform in sqrt(t) (denser near the data);
     logSNR: uniform in lambda_t.
     """
     t_T, t_0 = 1.0, 1.0 / NUM_TIMESTEPS
-    if skip == "time_uniform":
+    if spacing == "time_uniform":
         return torch.linspace(t_T, t_0, num + 1, dtype=torch.float64)
-    if skip == "time_quadratic":
+    if spacing == "time_quadratic":
         return torch.linspace(t_T ** 0.5, t_0 ** 0.5, num + 1, dtype=torch.float64) ** 2
     lam = torch.linspace(schedule.lambda_t(t_T).item(), schedule.lambda_t(t_0).item(), num + 1,
                          dtype=torch.float64)
@@ -261,19 +265,21 @@ class DataPrediction:
         return (x - float(self.schedule.sigma_t(t)) * eps) / float(self.schedule.alpha_t(t))
 
 
-def exp_step(schedule, x, s, t, D0, D1=0.0, D2=0.0):
-    """The exponential integrator from s to t with x0 ~ D0 + D1 u + D2 u^2 / 2 (DPM-Solver++):
+def exp_step(schedule, x, t_prev, t, D0, D1=0.0, D2=0.0):
+    """The exponential integrator from t' = t_prev to t with x0 ~ D0 + D1 u + D2 u^2 / 2
+    (DPM-Solver++):
 
-        x_t = (sigma_t / sigma_s) x_s - alpha_t (phi1 D0 - phi2 D1 + phi3 D2),
-        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2,  h = lambda_t - lambda_s.
+        x_t = (sigma_t / sigma_t') x_t' - alpha_t (phi1 D0 - phi2 D1 + phi3 D2),
+        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2,  h = lambda_t - lambda_t'.
 
     With D1 = D2 = 0 it is DDIM.
     """
-    h = float(schedule.lambda_t(t) - schedule.lambda_t(s))
+    h = float(schedule.lambda_t(t) - schedule.lambda_t(t_prev))
     phi1 = math.expm1(-h)
     phi2 = phi1 / h + 1.0
     phi3 = phi2 / h - 0.5
-    ratio, alpha_t = float(schedule.sigma_t(t) / schedule.sigma_t(s)), float(schedule.alpha_t(t))
+    ratio = float(schedule.sigma_t(t) / schedule.sigma_t(t_prev))
+    alpha_t = float(schedule.alpha_t(t))
     return ratio * x - alpha_t * (phi1 * D0 - phi2 * D1 + phi3 * D2)
 
 
@@ -296,29 +302,30 @@ def singlestep_orders(steps, order):
 def singlestep(predict_x0, schedule, x, ts, order):
     """DPM-Solver++(kS) on the grid ts of `steps` intervals, with singlestep_orders.
 
-    A segment of order k runs from grid point i to i + k and evaluates x0 at its start and at the
-    grid points i + 1 (and i + 2) inside it, at logSNR fractions r1 (and r2) of the segment:
-    1/2 (1/3, 2/3) on a logSNR grid, as in the DPM-Solver papers, and whatever the grid gives on
-    the others. This is what the release's 'fast' method computes.
+    A segment of order k runs from grid point i (time t') to i + k (time t) and evaluates x0 at
+    its start and at the grid points i + 1 (and i + 2) inside it, times t1 (and t2), at logSNR
+    fractions r1 (and r2) of the segment: 1/2 (1/3, 2/3) on a logSNR grid, as in the DPM-Solver
+    papers, and whatever the grid gives on the others. This is what the release's 'fast' method
+    computes.
     """
     lam = lambda t: float(schedule.lambda_t(t))  # noqa: E731
     i = 0
     for k in singlestep_orders(len(ts) - 1, order):
-        s, t = ts[i], ts[i + k]
-        m0 = predict_x0(x, s)
+        t_prev, t = ts[i], ts[i + k]
+        m0 = predict_x0(x, t_prev)
         if k == 1:  # DDIM
-            x = exp_step(schedule, x, s, t, m0)
-        else:  # DDIM to s1, evaluate there
-            s1 = ts[i + 1]
-            r1 = (lam(s1) - lam(s)) / (lam(t) - lam(s))
-            m1 = predict_x0(exp_step(schedule, x, s, s1, m0), s1)
+            x = exp_step(schedule, x, t_prev, t, m0)
+        else:  # DDIM to t1, evaluate there
+            t1 = ts[i + 1]
+            r1 = (lam(t1) - lam(t_prev)) / (lam(t) - lam(t_prev))
+            m1 = predict_x0(exp_step(schedule, x, t_prev, t1, m0), t1)
         if k == 2:  # DPM-Solver++(2S): D1 with h/2 ~ -phi1/2 in place of phi2, as the papers do
-            x = exp_step(schedule, x, s, t, m0 + (m1 - m0) / (2 * r1))
-        elif k == 3:  # DPM-Solver++(3S): second order to s2, evaluate; D1 from m2 alone
-            s2 = ts[i + 2]
-            r2 = (lam(s2) - lam(s)) / (lam(t) - lam(s))
-            m2 = predict_x0(exp_step(schedule, x, s, s2, m0, (r2 / r1) * (m1 - m0)), s2)
-            x = exp_step(schedule, x, s, t, m0, (m2 - m0) / r2)  # third order when r2 = 2/3
+            x = exp_step(schedule, x, t_prev, t, m0 + (m1 - m0) / (2 * r1))
+        elif k == 3:  # DPM-Solver++(3S): second order to t2, evaluate; D1 from m2 alone
+            t2 = ts[i + 2]
+            r2 = (lam(t2) - lam(t_prev)) / (lam(t) - lam(t_prev))
+            m2 = predict_x0(exp_step(schedule, x, t_prev, t2, m0, (r2 / r1) * (m1 - m0)), t2)
+            x = exp_step(schedule, x, t_prev, t, m0, (m2 - m0) / r2)  # third order when r2 = 2/3
         i += k
     return x
 
@@ -342,25 +349,26 @@ def uni_coefficients(h, rs, bh):
 def uni_sum(lams, ms, bh, m_t=None):
     """B(h) sum_m a_m D_m / r_m of the UniPC update in data prediction (Zhao et al. 2023, Sec. 3):
 
-        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) m_0 - alpha_t B(h) sum_m a_m D_m / r_m,
+        x_t = (sigma_t / sigma_t') x_t' - alpha_t (e^-h - 1) m_0 - alpha_t B(h) sum_m a_m D_m / r_m,
 
-    where the first two terms are DDIM (exp_step) and h = lambda_t - lambda_s. ms: the data
-    predictions at the last k grid points, oldest first, m_0 = ms[-1] at s; lams: lambda at those
-    points, then at t. Each earlier point gives r_m = (lambda_m - lambda_s) / h < 0 and
+    where the first two terms are DDIM (exp_step), t' is the step's start and h = lambda_t -
+    lambda_t'. ms: the data predictions at the last k grid points, oldest first, m_0 = ms[-1] at
+    t'; lams: lambda at those points, then at t. Each earlier point gives
+    r_m = (lambda_m - lambda_t') / h < 0 and
     D_m = m_m - m_0: UniP, the predictor, uses these. UniC, the corrector, is given m_t, the data
     prediction at the predicted x_t, and adds r = 1, D = m_t - m_0. With p >= 2 differences the
     a_m solve
         sum_m a_m r_m^(j-1) = j! h phi_{j+1}(-h) / B(h),   j = 1..p,
     with h phi_1(-h) = e^-h - 1 and h phi_{j+1}(-h) = h phi_j(-h) / (-h) - 1/j!: the update is
     then the exact integral of the polynomial in lambda through the p + 1 data predictions,
-    whatever B(h), which is also what multistep DPM-Solver++(3M) integrates. With one difference
+    whatever B(h). With one difference
     a_1 = 1/2, and B(h) decides the step: B(h) = -h ('bh1') or e^-h - 1 ('bh2', which makes UniP-2
     DPM-Solver++(2M)), the paper's B_1(h) = h and B_2(h) = e^h - 1 taken at -h, as the official
     code does in data prediction.
     """
-    lam_s, lam_t = lams[-2], lams[-1]
-    h = lam_t - lam_s
-    rs = [(lam - lam_s) / h for lam in lams[-3::-1]]  # the newest earlier point first
+    lam_prev, lam_t = lams[-2], lams[-1]
+    h = lam_t - lam_prev
+    rs = [(lam - lam_prev) / h for lam in lams[-3::-1]]  # the newest earlier point first
     Ds = [m - ms[-1] for m in ms[-2::-1]]
     if m_t is not None:  # UniC
         rs, Ds = rs + [1.0], Ds + [m_t - ms[-1]]
@@ -376,8 +384,8 @@ def unipc(predict_x0, schedule, x, ts, order, bh, lower_order_final, corrector=T
     evaluation, which is also the next step's data prediction: one evaluation per step. The last
     step is not corrected (its evaluation would serve no later step). Step i = 1..steps has order
     k = min(order, i) (warm-up), and with lower_order_final at most steps + 1 - i, the official
-    code's lower_order_final. corrector=False: UniP alone, the predictor that covers multistep
-    DPM-Solver++ (UniP-2 with 'bh2' is DPM-Solver++(2M); tests/test_diffusion.py compares them).
+    code's lower_order_final. corrector=False runs the predictor UniP alone (the tests compare
+    UniP-2 with 'bh2' against DPM-Solver++(2M), which it equals).
     """
     lam, alpha = schedule.lambda_t(ts).tolist(), schedule.alpha_t(ts).tolist()
     steps = len(ts) - 1
@@ -399,7 +407,8 @@ def unipc(predict_x0, schedule, x, ts, order, bh, lower_order_final, corrector=T
 def check_sampler(settings, steps):
     """A ValueError unless ode_sample can run these settings for `steps` evaluations."""
     for name, key, choices in (("method", "method", METHODS), ("order", "order", ORDERS),
-                               ("step spacing", "skip", SPACINGS), ("UniPC B(h)", "bh", B_H)):
+                               ("step spacing", "spacing", SPACINGS),
+                               ("UniPC B(h)", "bh", B_H)):
         if settings[key] not in choices:
             raise ValueError(f"unknown {name} {settings[key]!r}; choose from "
                              f"{', '.join(map(str, choices))}")
@@ -408,25 +417,25 @@ def check_sampler(settings, steps):
                          f"got {steps}")
 
 
-def ode_sample(eps_fn, x_T, steps, method=None, order=None, skip=None, bh=None,
+def ode_sample(eps_fn, x_T, steps, method=None, order=None, spacing=None, bh=None,
                lower_order_final=None, schedule=None, progress=None):
     """Solve the probability-flow ODE from n = 1000 (t = 1) to n = 1 (t = 1/1000).
 
     eps_fn(x, n): noise prediction, n a float tensor [B] on the 0..1000 step scale (n = 1000 t).
     steps: number of eps_fn evaluations; method: 'unipc' or 'singlestep' (METHODS); order: 1, 2
-    or 3; skip: the spacing of the time grid, one of SPACINGS; UniPC only: bh, its B(h), and
+    or 3; spacing: of the time grid, one of SPACINGS; UniPC only: bh, its B(h), and
     lower_order_final (see `unipc`); settings left None are the default's (sampler_settings), and
     RELEASE_SAMPLER gives the release's. schedule: a DiscreteSchedule (default the release's).
     progress(done, steps) is called after each evaluation. Returns x at t = 1/1000 (n = 1), as the
     release does.
     """
-    settings = sampler_settings(steps, method=method, order=order, skip=skip, bh=bh,
+    settings = sampler_settings(steps, method=method, order=order, spacing=spacing, bh=bh,
                                 lower_order_final=lower_order_final)
     check_sampler(settings, steps)
-    method, order, skip = settings["method"], settings["order"], settings["skip"]
+    method, order, spacing = settings["method"], settings["order"], settings["spacing"]
     schedule = DiscreteSchedule() if schedule is None else schedule
     predict_x0 = DataPrediction(eps_fn, schedule, steps, progress)
-    ts = time_steps(schedule, skip, steps)
+    ts = time_steps(schedule, spacing, steps)
     if method == "unipc":
         x = unipc(predict_x0, schedule, x_T, ts, order, settings["bh"],
                   settings["lower_order_final"])

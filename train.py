@@ -46,16 +46,22 @@ import sample
 from support import checkpoints, data as data_lib, depthwise, distributed, vae as vae_lib
 from support.cli import (THREADS_HELP, Parser, add_dataclass_flags, check_fields, flag, opt,
                          parse_overrides)
+from support.images import save_grid, to_uint8
 from support.progress import format_seconds
 from support.run_folder import RunFolder, find_checkpoint
 from td_ln import TimeDependentParameter
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: every option with its default (the release's recipe for DiMR-XL/2R) and help
+# Configuration: every option with its default and help
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every training option. The defaults below are the release's recipe for DiMR-XL/2R (its
+    configs/*.py and utils.py; PAPER). The recipe depends on the variant: `python train.py
+    --variant V` starts from RECIPES[V] (ImageNet 64 variants: lr 3e-4, 300K steps; DiMR-S/2R:
+    the digits demo, DEMO), and `python train.py` without --variant runs the demo. Flags override
+    the recipe; a resumed run keeps its RUN_KEYS."""
     # model and data
     variant: str = opt("DiMR-XL/2R", f"DiMR variant: {', '.join(dimr.ALIASES)} or the full name")
     arch: tuple[str, ...] = opt((), "KEY=VALUE overrides of the variant: patch_size, depths, "
@@ -65,60 +71,65 @@ class TrainConfig:
                                  ".npz files), a class-per-folder image directory, or VAE latents "
                                  "(support/data.py)")
     image_size: int | None = opt(None, "digits 8, 16 or 32; crop size of an image folder (default "
-                                       "the variant's); other data come at their stored size", 1)
-    num_classes: int | None = opt(None, "classes of latent data (default the variant's)", 1)
+                                       "the variant's); other data come at their stored size",
+                                 low=1)
+    num_classes: int | None = opt(None, "classes of latent data (default the variant's)", low=1)
     multiscale_loss: bool = opt(True, "the multi-scale loss; off: the full-resolution branch's "
                                       "term only (Table 5's rows before '+ multi-scale loss')")
     # optimisation (the release: configs/*.py, utils.py)
-    batch_size: int = opt(1024, "global batch over all processes and accumulation steps", 1)
+    batch_size: int = opt(1024, "global batch over all processes and accumulation steps", low=1)
     micro_batch: int | None = opt(None, "images per process per forward pass (default batch-size "
-                                        "/ processes; gradient accumulation makes up the rest)", 1)
-    lr: float = opt(2e-4, "AdamW learning rate after warm-up", 0)
-    warmup: int = opt(5000, "steps of linear learning-rate warm-up", 0)
+                                        "/ processes; gradient accumulation makes up the rest)",
+                                  low=1)
+    lr: float = opt(2e-4, "AdamW learning rate after warm-up", low=0)
+    warmup: int = opt(5000, "steps of linear learning-rate warm-up", low=0)
     weight_decay: float = opt(0.03, "AdamW weight decay of all parameters but TD slopes, offsets",
-                              0)
-    betas: tuple[float, float] = opt((0.99, 0.99), "AdamW betas", 0, 1)
-    ema: float = opt(0.9999, "EMA decay per step of the weights used for sampling", 0, 1)
-    class_dropout: float = opt(0.1, "probability of replacing a label by the null class", 0, 1)
-    grad_clip: float | None = opt(None, "clip the gradient norm to this (default: no clipping)", 0)
-    precision: str = opt("auto", "fp32, bf16 (autocast) or fp16 (autocast and GradScaler); auto: "
-                                 "bf16 on CUDA, fp32 on the CPU")
+                              low=0)
+    betas: tuple[float, float] = opt((0.99, 0.99), "AdamW betas", low=0, high=1)
+    ema: float = opt(0.9999, "EMA decay per step of the weights used for sampling", low=0, high=1)
+    class_dropout: float = opt(0.1, "probability of replacing a label by the null class", low=0,
+                               high=1)
+    grad_clip: float | None = opt(None, "clip the gradient norm to this (default: no clipping)",
+                                  low=0)
+    autocast: str = opt("auto", "fp32, bf16 (autocast) or fp16 (autocast and GradScaler); auto: "
+                                "bf16 on CUDA, fp32 on the CPU", flag="--precision")
     grad_checkpointing: bool = opt(True, "recompute each block in the backward pass")
     compile: bool = opt(False, "torch.compile the model")
     cpu_conv_kernel: bool = opt(False, "CPU only: the depthwise convolutions with a faster "
                                        "backward (support/depthwise.py)")
-    steps: int = opt(1_000_000, "optimizer steps of the run", 1)
+    steps: int = opt(1_000_000, "optimizer steps of the run", low=1)
     minutes: float | None = opt(None, "stop training after this many minutes of this invocation",
-                                0)
-    seed: int = opt(0, "seed of the initialisation, the data order and the noise", 0)
+                                low=0)
+    seed: int = opt(0, "seed of the initialisation, the data order and the noise", low=0)
     # run folder, logging, samples, FID
     results_dir: str = opt("runs", "parent of the numbered run folders")
-    log_every: int = opt(100, "steps per log line and maintenance tick (stop checks)", 1)
-    ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every", 1)
-    keep: int = opt(3, "checkpoints kept (the best-FID one is kept besides)", 1)
+    log_every: int = opt(100, "steps per log line and maintenance tick (stop checks)", low=1)
+    ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every", low=1)
+    keep: int = opt(3, "checkpoints kept (the best-FID one is kept besides)", low=1)
     sample_every: int = opt(10_000, "steps per EMA sample grid, a multiple of --log-every; 0: none",
-                            0)
+                            low=0)
     sample_steps: int = opt(10, "sampler evaluations of grids, FID samples, the final evaluation",
-                            3)
-    cfg_scale: float = opt(sample.RELEASE_CFG_SCALE, "guidance s of the grids and the final "
-                                                     "evaluation, as in sample.py", 0)
+                            low=3)
+    guidance: float | None = opt(None, "guidance s of the grids and the final evaluation, as "
+                                       "sample.py's --cfg-scale (default: the model's, "
+                                       "sample.default_guidance)", low=0, flag="--cfg-scale")
     fid_every: int = opt(0, "steps per FID of EMA samples (no guidance, as the release), a "
-                            "multiple of --ckpt-every; 0: none", 0)
+                            "multiple of --ckpt-every; 0: none", low=0)
     fid_ref: str | None = opt(None, "reference statistics .npz (mu, sigma) for --fid-every")
-    fid_images: int = opt(10_000, "samples per FID", 2)
+    fid_images: int = opt(10_000, "samples per FID", low=2)
     eval_images: int = opt(200, "samples of the data's own final evaluation, where it has one "
-                                "(digits: class accuracy); 0: none", 0)
+                                "(digits: class accuracy); 0: none", low=0)
     vae: str = opt(vae_lib.DEFAULT_VAE, "latent data: the VAE that decodes samples (vae.load_vae)")
     workers: int = opt(8, "DataLoader worker processes per process that decode an image folder",
-                       0)
-    threads: int | None = opt(None, THREADS_HELP, 1)
+                       low=0)
+    threads: int | None = opt(None, THREADS_HELP, low=1)
 
 
 PAPER = TrainConfig()
 # The digits demo: DiMR-S/2R on the CPU (docs/demo.md says why it departs from PAPER).
 DEMO = replace(PAPER, variant="DiMR-S/2R", data="digits", batch_size=64, lr=3e-3, betas=(0.9, 0.99),
                warmup=100, ema=0.993, steps=1200, minutes=4.5, grad_checkpointing=False,
-               cpu_conv_kernel=True, ckpt_every=400, sample_every=400, cfg_scale=1.0)
+               cpu_conv_kernel=True, ckpt_every=400, sample_every=400)
 RECIPES = {
     "DiMR-XL/2R": PAPER,
     "DiMR-G/2R": replace(PAPER, variant="DiMR-G/2R"),
@@ -135,7 +146,8 @@ PAPER_DATA = {"DiMR-M/3R": "ImageNet 64x64 (tools/imagenet64.py)",
 # What a run computes: a resumed run keeps these (the others may change, e.g. --steps).
 RUN_KEYS = ("variant", "arch", "data", "image_size", "num_classes", "multiscale_loss",
             "batch_size", "lr", "warmup", "weight_decay", "betas", "ema", "class_dropout",
-            "grad_clip", "precision", "seed")
+            "grad_clip", "autocast", "seed")
+RENAMED = {"precision": "autocast", "cfg_scale": "guidance"}  # fields of older checkpoints
 ARCH_KEYS = ("patch_size", "depths", "widths", "num_heads", "norm", "mlp")
 IMAGENET_GRID = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample classes
 FID_SEED = 10 ** 6  # FID sample i starts from seed FID_SEED + i, the same at every evaluation
@@ -284,7 +296,7 @@ def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
                 run.last_ckpt = run.folder.save(run.checkpoint(), step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 path = run.folder.dir / "samples" / f"step_{step:07d}.png"
-                sample_grid(run.state.ema, cfg, run.device, run.vae, path)
+                sample_grid(run, path)
         except OSError as e:  # a full disk, a lost mount: say what is safe
             raise checkpoints.WriteError(f"{e}; {run.last_good()}") from None
     if preempted:
@@ -317,18 +329,23 @@ def log(run, step, lr, mean, steps, seconds, fid_value):
 def finish(run):
     """Rank 0 at the end: what was trained, the best FID, the data's own evaluation or a grid."""
     cfg, state, folder = run.cfg, run.state, run.folder
-    print(f"trained {state.step - run.start_step} steps (step {run.start_step} -> {state.step}) "
+    trained = state.step - run.start_step
+    print(f"trained {trained} step{'s' * (trained != 1)} (step {run.start_step} -> {state.step}) "
           f"in {format_seconds(time.time() - run.start)}; checkpoint: {run.last_ckpt}", flush=True)
     if folder.best_step is not None:
         print(f"best FID-{cfg.fid_images}: {folder.best_fid:.4f} at step {folder.best_step}: "
               f"{folder.checkpoint(folder.best_step)}", flush=True)
     if run.data.evaluate and cfg.eval_images:
-        print(run.data.evaluate(state.ema, folder.dir, state.step, cfg.eval_images,
-                                cfg.sample_steps, cfg.cfg_scale, run.device), flush=True)
+        labels = sample.parse_classes("even", cfg.eval_images, run.model_config.num_classes, 0)
+        x = sample.generate(state.ema, labels, range(len(labels)), steps=cfg.sample_steps,
+                            guidance=run.guidance, batch_size=len(labels), device=run.device)
+        print(run.data.evaluate(to_uint8(x), labels, folder.dir, state.step,
+                                {"sampler_steps": cfg.sample_steps, "guidance": run.guidance}),
+              flush=True)
     elif cfg.sample_every:
         path = folder.dir / "samples" / f"step_{state.step:07d}.png"
         if not path.is_file():
-            sample_grid(state.ema, cfg, run.device, run.vae, path)
+            sample_grid(run, path)
         print(f"samples: {path}", flush=True)
 
 
@@ -385,7 +402,7 @@ class GlobalBatches:
         flip = (torch.rand(G, generator=g, device=g.device) < 0.5)[rows] if self.data.flip else None
         batches = []
         for k in range(0, len(n), self.micro):
-            x0, y = (t.to(g.device, non_blocking=True) for t in next(self.loader))
+            x0, y = (v.to(g.device, non_blocking=True) for v in next(self.loader))
             part = slice(k, k + self.micro)
             if flip is not None:
                 x0 = torch.where(flip[part, None, None, None], x0.flip(-1), x0)
@@ -409,13 +426,14 @@ def grid_labels(num_classes):
     return np.repeat(np.arange(min(num_classes, 10)), 10)
 
 
-def sample_grid(ema, cfg, device, vae, path):
+def sample_grid(run, path):
     """EMA samples of the grid's classes from seeds 0..N-1, saved as a labelled grid."""
+    ema = run.state.ema
     labels = grid_labels(ema.config.num_classes)
-    x = sample.generate(ema, labels, range(len(labels)), steps=cfg.sample_steps,
-                        cfg_scale=cfg.cfg_scale, batch_size=len(labels), device=device)
-    images = sample.decode_to_uint8(x.to(device), ema.config, vae)
-    sample.save_grid(images, labels, path, ncol=int(np.sum(labels == labels[0])))
+    x = sample.generate(ema, labels, range(len(labels)), steps=run.cfg.sample_steps,
+                        guidance=run.guidance, batch_size=len(labels), device=run.device)
+    images = sample.decode_to_uint8(x.to(run.device), ema.config, run.vae)
+    save_grid(images, labels, path, ncol=int(np.sum(labels == labels[0])))
 
 
 def compute_fid(ema, cfg, inception, ref, device, vae):
@@ -427,7 +445,7 @@ def compute_fid(ema, cfg, inception, ref, device, vae):
     features = []
     for batch in np.array_split(mine, max(1, math.ceil(len(mine) / 64))):
         x = sample.generate(ema, labels[batch], FID_SEED + batch, steps=cfg.sample_steps,
-                            cfg_scale=0.0, batch_size=len(batch), device=device)
+                            guidance=0.0, batch_size=len(batch), device=device)
         images = sample.decode_to_uint8(x.to(device), ema.config, vae)
         features.append(fid.inception_features(images, inception))
     features = distributed.gather_rows(torch.from_numpy(np.concatenate(features)).to(device))
@@ -445,11 +463,12 @@ class Run:
     cfg: TrainConfig
     device: torch.device
     data: data_lib.TrainingData
-    model_cfg: dimr.DiMRConfig
+    model_config: dimr.DiMRConfig
     state: TrainState
     net: torch.nn.Module                # the model as trained: compiled and/or wrapped in DDP
     batches: GlobalBatches
     amp_dtype: torch.dtype | None
+    guidance: float                     # s of the grids and the final evaluation
     vae: torch.nn.Module | None = None  # latent models: decodes grids and FID samples
     inception: torch.nn.Module | None = None  # --fid-every: the FID network and the reference
     fid_ref: tuple | None = None
@@ -460,7 +479,7 @@ class Run:
     start_step: int = 0
 
     def checkpoint(self):
-        return {"config": dataclasses.asdict(self.model_cfg),
+        return {"config": dataclasses.asdict(self.model_config),
                 "train_config": dataclasses.asdict(self.cfg), **self.state.state_dict()}
 
     def last_good(self):
@@ -470,28 +489,31 @@ class Run:
 def setup(cfg, ckpt, ckpt_path):
     """Device, data, model, optimizer and what a checkpoint restores; rank 0 opens the folder."""
     device = open_device(cfg.threads)
-    precision = resolve_precision(cfg.precision, device)
+    autocast = resolve_autocast(cfg.autocast, device)
     fid_ref = fid.load_statistics(cfg.fid_ref) if cfg.fid_every else None  # a bad file: at once
     variant = dimr.get_config(cfg.variant)
     data = data_lib.open_data(cfg.data, cfg.image_size, cfg.num_classes, variant.input_size,
                               variant.num_classes)
-    model_cfg = model_config(cfg, data)
+    model_config = build_model_config(cfg, data)
     micro, accum = split_batch(cfg.batch_size, distributed.world_size(), cfg.micro_batch)
-    state = new_state(model_cfg, cfg, device, precision)
+    state = new_state(model_config, cfg, device, autocast)
     if ckpt is not None:
-        restore(state, ckpt, ckpt_path, cfg, model_cfg)
-    run = Run(cfg=cfg, device=device, data=data, model_cfg=model_cfg, state=state,
+        restore(state, ckpt, ckpt_path, cfg, model_config)
+    guidance, why = ((cfg.guidance, "given") if cfg.guidance is not None else
+                     sample.default_guidance(model_config))
+    run = Run(cfg=cfg, device=device, data=data, model_config=model_config, state=state,
               net=wrap(state.model, cfg, device),
               batches=GlobalBatches(data, cfg.batch_size, micro, state.step, state.generator,
                                     cfg.class_dropout, cfg.seed, workers_for(data, cfg.workers)),
-              amp_dtype=sample.PRECISIONS[precision], last_ckpt=ckpt_path, start_step=state.step)
-    if vae_lib.is_latent(model_cfg) and (cfg.sample_every or cfg.fid_every):
+              amp_dtype=sample.AUTOCAST[autocast], guidance=guidance, last_ckpt=ckpt_path,
+              start_step=state.step)
+    if vae_lib.is_latent(model_config) and (cfg.sample_every or cfg.fid_every):
         run.vae = vae_lib.load_vae(cfg.vae, device)
     if cfg.fid_every:
         run.inception, run.fid_ref = fid.load_inception(device=device), fid_ref
     if distributed.is_main():
         run.folder = open_folder(run, resume=ckpt_path if ckpt else None, micro=micro,
-                                 accum=accum, precision=precision)
+                                 accum=accum, autocast=autocast, guidance_why=why)
     return run
 
 
@@ -504,25 +526,28 @@ def open_device(threads):
     return device
 
 
-def open_folder(run, resume, micro, accum, precision):
+def open_folder(run, resume, micro, accum, autocast, guidance_why):
     """Rank 0: the run folder (new, or the resumed run's) with config.json, and a summary."""
-    cfg, model_cfg, data, step = run.cfg, run.model_cfg, run.data, run.state.step
+    cfg, model_config, data, step = run.cfg, run.model_config, run.data, run.state.step
     params = sum(p.numel() for p in run.state.model.parameters())
     folder = RunFolder(cfg.results_dir, cfg.variant, find_checkpoint(resume)[0] if resume else None,
                        step, {"train_config": dataclasses.asdict(cfg),
-                              "model": dataclasses.asdict(model_cfg), "parameters": params,
+                              "model": dataclasses.asdict(model_config), "parameters": params,
                               "data": data.description, "class_names": data.class_names,
                               "world_size": distributed.world_size(), "micro_batch": micro,
                               "accumulation": accum, "device": str(run.device),
                               "threads": torch.get_num_threads(), "torch": torch.__version__},
                        cfg.keep)
     print(f"{f'resuming {resume} at step {step}' if resume else 'new run'}: {folder.dir}\n"
-          f"model: {cfg.variant} {model_cfg}, {params:,} parameters\ndata: {data.description}\n"
+          f"model: {cfg.variant} {model_config}, {params:,} parameters\n"
+          f"data: {data.description}\n"
           f"batch {cfg.batch_size} = {distributed.world_size()} process(es) x {micro} x {accum} "
           f"accumulation step(s); {cfg.steps} steps"
           f"{', at most %g minutes' % cfg.minutes if cfg.minutes else ''}; lr {cfg.lr}, "
-          f"warm-up {cfg.warmup}, EMA {cfg.ema}, {precision} on {run.device}, "
-          f"{torch.get_num_threads()} CPU thread(s)", flush=True)
+          f"warm-up {cfg.warmup}, EMA {cfg.ema}, {autocast} on {run.device}, "
+          f"{torch.get_num_threads()} CPU thread(s)\n"
+          f"samples: guidance s = {run.guidance:g} ({guidance_why}), {cfg.sample_steps} steps",
+          flush=True)
     return folder
 
 
@@ -532,14 +557,14 @@ def workers_for(data, workers):
     return workers if isinstance(data.dataset, data_lib.ImageFolderDataset) else 0
 
 
-def resolve_precision(precision, device):
+def resolve_autocast(autocast, device):
     """--precision: 'auto' is bf16 on CUDA, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
+    if autocast != "auto":
+        return autocast
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def model_config(cfg, data):
+def build_model_config(cfg, data):
     """The variant's config with the --arch overrides and the data's size, channels, classes."""
     return dimr.get_config(cfg.variant, **parse_overrides(cfg.arch, dimr.DiMRConfig, ARCH_KEYS),
                            input_size=data.image_size, in_channels=data.channels,
@@ -559,26 +584,26 @@ def split_batch(batch_size, world_size, micro_batch=None):
     return micro, per_process // micro
 
 
-def new_state(model_cfg, cfg, device, precision):
+def new_state(model_config, cfg, device, autocast):
     """A fresh model (the same initial weights on every process), its EMA, AdamW (fused on
     CUDA), the fp16 gradient scaler and the data generator."""
     torch.manual_seed(cfg.seed)
-    model = depthwise.channels_last_kernels(dimr.DiMR(model_cfg).to(device))
+    model = depthwise.channels_last_kernels(dimr.DiMR(model_config).to(device))
     if cfg.cpu_conv_kernel and device.type == "cpu":
         depthwise.use_fast_depthwise_backward(model)
     return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
                       torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                         betas=cfg.betas, fused=device.type == "cuda"),
-                      torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                      torch.amp.GradScaler(device.type, enabled=autocast == "fp16"),
                       torch.Generator(device).manual_seed(cfg.seed))
 
 
-def restore(state, ckpt, ckpt_path, cfg, model_cfg):
+def restore(state, ckpt, ckpt_path, cfg, model_config):
     """Load a checkpoint into a fresh state, after checking that it is this run's."""
     stored = dimr.config_from_dict(ckpt["config"])
-    if stored != model_cfg:
+    if stored != model_config:
         raise ValueError(f"{ckpt_path} holds a model {stored}, but the options and data give "
-                         f"{model_cfg}")
+                         f"{model_config}")
     state.load_state_dict(ckpt, str(ckpt_path))
     if state.step >= cfg.steps:
         raise ValueError(f"{ckpt_path} is at step {state.step}, the run's --steps is "
@@ -641,13 +666,13 @@ def parse_config(argv=None):
         missing = {"train_config", "config", "step", *TrainState.KEYS} - set(ckpt)
         if missing:
             raise ValueError(f"{ckpt_path}: not a train.py checkpoint (missing {sorted(missing)})")
-        base = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+        base = TrainConfig(**{RENAMED.get(k, k): tuple(v) if isinstance(v, list) else v
                               for k, v in ckpt["train_config"].items()})
         changed = [k for k in RUN_KEYS if k in given and given[k] != getattr(base, k)]
         if changed:
-            raise ValueError(f"{flag(changed[0])} {given[changed[0]]} differs from the run's "
-                             f"{getattr(base, changed[0])} ({ckpt_path}); a resumed run keeps "
-                             "the options it was started with")
+            raise ValueError(f"{flag(changed[0], TrainConfig)} {given[changed[0]]} differs from "
+                             f"the run's {getattr(base, changed[0])} ({ckpt_path}); a resumed run "
+                             "keeps the options it was started with")
     else:
         base = RECIPES[given.get("variant", DEMO.variant)]
         if base is not DEMO and "data" not in given:
@@ -667,7 +692,7 @@ def check_config(c):
                                                           ("fid_every", "ckpt_every"))
                 if getattr(c, every) % getattr(c, unit)]
     problems += ["--precision must be auto, fp32, bf16 or fp16, not "
-                 f"{c.precision}"] * (c.precision not in ("auto", *sample.PRECISIONS))
+                 f"{c.autocast}"] * (c.autocast not in ("auto", *sample.AUTOCAST))
     problems += ["--fid-every needs --fid-ref (reference statistics, from `fid.py "
                  "ref`)"] * bool(c.fid_every and not c.fid_ref)
     if problems:

@@ -178,20 +178,20 @@ def config_from_official(sd, num_heads):
         num_classes = sd["stages.0.class_embeds.weight"].shape[0] - 1
     except (KeyError, ValueError, AttributeError) as e:
         raise ValueError(f"not a DiMR release state_dict (could not read {e})") from None
-    cfg = DiMRConfig(grid * patch, in_channels, num_classes, patch, tuple(depths), tuple(widths),
+    config = DiMRConfig(grid * patch, in_channels, num_classes, patch, tuple(depths), tuple(widths),
                      num_heads)
     # prefer the registry's config (the same model, with its configured depths)
     for variant in VARIANTS.values():
-        if dataclasses.replace(variant, depths=variant.blocks) == cfg:
+        if dataclasses.replace(variant, depths=variant.blocks) == config:
             return variant
-    return cfg
+    return config
 
 
 def from_official(state_dict, num_heads):
     """Build the model matching a released state_dict (sizes from its shapes) and load it."""
     sd = state_dict.get("state_dict", state_dict.get("model", state_dict))
-    cfg = config_from_official(sd, num_heads)
-    model = DiMR(cfg)
+    config = config_from_official(sd, num_heads)
+    model = DiMR(config)
     load_state_dict_strict(model, {official_key(k): v for k, v in sd.items()},
                            source="release checkpoint")
     return model

@@ -60,13 +60,17 @@ def out_of_range(value, low, high):
             or (high is not None and value >= high))
 
 
-def opt(default, help, low=None, high=None):
-    """A dataclass field with its help and range, for add_dataclass_flags and check_fields."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high})
+def opt(default, help, *, low=None, high=None, flag=None):
+    """A dataclass field with its help, its range low <= value < high (each bound optional) and
+    its flag (default --field-name), for add_dataclass_flags and check_fields."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high,
+                                            "flag": flag})
 
 
-def flag(name):
-    return "--" + name.replace("_", "-")
+def flag(name, cls=None):
+    """--name-with-dashes, or the flag that field `name` of the dataclass `cls` declares."""
+    declared = cls and {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("flag")
+    return declared or "--" + name.replace("_", "-")
 
 
 def check_fields(obj):
@@ -79,7 +83,8 @@ def check_fields(obj):
         if (low is not None or high is not None) and value is not None and any(
                 out_of_range(v, low, high) for v in values):
             kind = int if all(isinstance(v, int) for v in values) else float
-            problems.append(f"{flag(f.name)} must be {describe(low, high, kind)}, got {value}")
+            problems.append(f"{flag(f.name, type(obj))} must be {describe(low, high, kind)}, "
+                            f"got {value}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -98,7 +103,7 @@ def flag_kwargs(f):
 
 
 def add_dataclass_flags(parser, cls, shown=None, **extra):
-    """One flag --field-name per field of `cls`, help '... (default D; demo E)' where `shown`, a
+    """One flag per field of `cls` (flag()), help '... (default D; demo E)' where `shown`, a
     second instance, differs. extra: argparse keywords for some fields, by field name."""
     for f in dataclasses.fields(cls):
         kwargs = {**flag_kwargs(f), **extra.get(f.name, {})}
@@ -106,7 +111,7 @@ def add_dataclass_flags(parser, cls, shown=None, **extra):
         if not (f.default is None and "default" in text):  # else the help says what None means
             text += f" (default {f.default}" + ("" if other == f.default else f"; demo {other}")
             text += ")"
-        parser.add_argument(flag(f.name), help=text, **kwargs)
+        parser.add_argument(flag(f.name, cls), dest=f.name, help=text, **kwargs)
 
 
 def parse_overrides(items, cls, keys):

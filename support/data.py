@@ -41,10 +41,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
-from support import distributed
+from support import digits, distributed
 from support.images import IMAGE_EXTENSIONS
 
 # the training files of a downsampled ImageNet directory (not val_data.npz)
@@ -71,8 +72,8 @@ class TrainingData:
     description: str
     class_names: list = None  # sub-folder names of an image folder, index = class id
     # The data's own metric of a trained model's samples, where it has one (the digits: class
-    # accuracy), called as evaluate(model, run_dir, step, num_images, sample_steps, cfg_scale,
-    # device) -> the line to print.
+    # accuracy), called as evaluate(images uint8 (N, H, W, 3), labels (N,), run_dir, step,
+    # settings) -> the line to print.
     evaluate: Callable = None
 
 
@@ -96,11 +97,28 @@ def open_data(spec, image_size=None, num_classes=None, variant_size=None, varian
         raise ValueError(f"--num-classes applies to latents only; the {kind} data know "
                          "their classes")
     if kind == "digits":
-        from support import digits  # it samples (sample.py), which needs this module
-        return digits.training_data(image_size or digits.DIGITS_SIZE)
+        return digits_data(image_size or digits.DIGITS_SIZE)
     if kind == "folder":
         return image_folder(path, image_size or variant_size)
     return downsampled_imagenet(path, image_size)
+
+
+def digits_data(image_size=digits.DIGITS_SIZE):
+    """All 1,797 digits, x = 2 v / 16 - 1 in [-1, 1], (1797, 1, S, S) for S in DIGITS_SIZES
+    (8, or bilinearly upsampled)."""
+    sizes = digits.DIGITS_SIZES
+    if image_size not in sizes:
+        raise ValueError(f"digits come at {sizes[0]} px or upsampled to {sizes[1:]}, "
+                         f"not {image_size}")
+    images, labels = digits.load_real_digits()                           # (1797, 8, 8) in [0, 1]
+    x = torch.from_numpy(images).float()[:, None] * 2 - 1               # (1797, 1, 8, 8)
+    if image_size != x.shape[-1]:
+        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    classes = digits.DIGITS_CLASSES
+    return TrainingData(TensorDataset(x, torch.from_numpy(labels)), classes, image_size, 1,
+                        flip=False, description=f"scikit-learn digits: {len(x)} images, "
+                        f"{classes} classes, {image_size}x{image_size}x1",
+                        evaluate=digits.evaluate)
 
 
 def data_kind(path):

@@ -1,28 +1,28 @@
-"""The digits demo in one place: the data set, and its two metrics of a model's samples.
+"""The digits demo's data and its metrics of a model's samples.
 
-The demo trains DiMR-S/2R on scikit-learn's 1,797 real 8x8 grayscale digits (`training_data`).
-Its class-conditional samples are measured
+The demo trains DiMR-S/2R on scikit-learn's 1,797 real 8x8 grayscale digits (`load_real_digits`;
+support/data.py makes them training data). Its class-conditional samples are measured
 - by class accuracy: the share of samples that an RBF SVM trained on the real digits
   (scikit-learn's digits example) assigns the class they were conditioned on. train.py prints it
   at the end of a digits run (`evaluate`, the data set's own metric: TrainingData.evaluate);
+- by the SVM's confidence in the conditioned class (`class_confidence`), tools/table5.py's
+  distortion in miniature;
 - by FID against the real digits: fid.py's Inception on both, each 8x8 image resized to 299x299
   like any other (docs/evaluation.md). The real digits are written once as an ADM reference batch
   (`reference_batch_path`), whose features fid.py caches beside it.
 
 A real digit v in [0, 1] is the image 2 v - 1 in [-1, 1], the training data's scale, and becomes
-uint8 through sample.to_uint8, exactly as the samples do. The command line: tools/digits.py.
+uint8 through support/images.to_uint8, exactly as the samples do. The command line:
+tools/digits.py.
 """
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
-from sample import generate, parse_classes, save_grid, to_uint8
 from support import checkpoints
-from support.data import TrainingData
+from support.images import save_grid, to_uint8
 
 DIGITS_SIZE = 8  # load_digits images are 8x8
 DIGITS_SIZES = (DIGITS_SIZE, 2 * DIGITS_SIZE, 4 * DIGITS_SIZE)  # native, and upsampled
@@ -37,22 +37,6 @@ def load_real_digits():
     from sklearn.datasets import load_digits
     digits = load_digits()
     return digits.images / DIGITS_LEVELS, digits.target.astype(np.int64)
-
-
-def training_data(image_size=DIGITS_SIZE):
-    """All 1,797 digits, x = 2 v / 16 - 1 in [-1, 1], (1797, 1, S, S) for S in DIGITS_SIZES
-    (8, or bilinearly upsampled)."""
-    if image_size not in DIGITS_SIZES:
-        raise ValueError(f"digits come at {DIGITS_SIZES[0]} px or upsampled to {DIGITS_SIZES[1:]}, "
-                         f"not {image_size}")
-    images, labels = load_real_digits()                                  # (1797, 8, 8) in [0, 1]
-    x = torch.from_numpy(images).float()[:, None] * 2 - 1               # (1797, 1, 8, 8)
-    if image_size != x.shape[-1]:
-        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
-    return TrainingData(TensorDataset(x, torch.from_numpy(labels)), DIGITS_CLASSES, image_size, 1,
-                        flip=False, description=f"scikit-learn digits: {len(x)} images, "
-                        f"{DIGITS_CLASSES} classes, {image_size}x{image_size}x1",
-                        evaluate=evaluate)
 
 
 def real_digits_uint8():
@@ -134,18 +118,14 @@ def class_confidence(images, labels, classifier=None):
     return p[np.arange(len(digits)), np.searchsorted(classifier.classes_, labels)]
 
 
-def evaluate(model, run_dir, step, num_images, sample_steps, cfg_scale, device):
-    """The end of a digits run (train.py): `num_images` EMA samples, evenly over the classes, their
-    grid (samples/final_NNNNNNN.png) and class accuracy (eval.json). Returns the line to print."""
-    labels = parse_classes("even", num_images, DIGITS_CLASSES, 0)
-    x = generate(model, labels, range(len(labels)), steps=sample_steps, cfg_scale=cfg_scale,
-                 batch_size=len(labels), device=device)
-    images = to_uint8(x)
+def evaluate(images, labels, run_dir, step, settings):
+    """The end of a digits run (train.py): the EMA samples images (N, 8, 8, 3) uint8 of the classes
+    labels (N,), drawn with settings {sampler_steps, guidance}: their grid
+    (samples/final_NNNNNNN.png) and class accuracy (eval.json). Returns the line to print."""
     path = Path(run_dir) / "samples" / f"final_{step:07d}.png"
-    save_grid(images, labels, path, ncol=max(1, num_images // DIGITS_CLASSES))
+    save_grid(images, labels, path, ncol=max(1, len(labels) // DIGITS_CLASSES))
     result = digit_class_accuracy(images, labels)
-    record = {"step": step, "samples": len(labels), "sampler_steps": sample_steps,
-              "cfg_scale": cfg_scale, "accuracy": result["accuracy"],
+    record = {"step": step, "samples": len(labels), **settings, "accuracy": result["accuracy"],
               "per_class": result["per_class"].tolist()}
     checkpoints.write_text(Path(run_dir) / "eval.json", json.dumps(record, indent=2) + "\n")
     note = ""
@@ -153,9 +133,10 @@ def evaluate(model, run_dir, step, num_images, sample_steps, cfg_scale, device):
         note = (f" (after {step} steps the model has not learned the digits yet, and the EMA "
                 "weights sampled here lag behind it; chance is 10%, and the full demo, `python "
                 "train.py`, reaches about 100%)")
+    s = settings["guidance"]
     return (f"class accuracy of {len(labels)} EMA samples (evenly over the {DIGITS_CLASSES} "
-            f"classes, {sample_steps} sampler steps, guidance scale {1 + cfg_scale:g}, i.e. "
-            f"cfg-scale s = {cfg_scale:g}) by an SVM of the real digits: "
+            f"classes, {settings['sampler_steps']} sampler steps, guidance scale {1 + s:g}, i.e. "
+            f"cfg-scale s = {s:g}) by an SVM of the real digits: "
             f"{100 * result['accuracy']:.1f}%{note}\nsamples: {path}")
 
 

@@ -1,4 +1,5 @@
-"""Image sets on disk, as sample.py writes them and fid.py reads them.
+"""Images in and out: model pixels to uint8, labelled grids, and image sets on disk, as sample.py
+writes them and fid.py reads them.
 
 - The ADM layout: an .npz whose arr_0 is uint8 [N, H, W, 3] (RGB), with labels int64 [N] where
   known. `write_npz` streams it from parts without holding every image in memory (50K images at
@@ -6,17 +7,54 @@
   and sample.py store it.
 - A folder of images (recursive), all RGB and of one size.
 """
+import math
 import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from support import checkpoints
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ADM_LAYOUT = "arr_0 uint8 [N, H, W, 3] (RGB), as sample.py and ADM's reference batches store it"
+GRID_MIN_CELL = 64  # images smaller than this many pixels are upscaled (nearest) in a grid
+GRID_PAD = 4  # white pixels around each grid cell
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (N, C, H, W), C = 1 or 3 -> uint8 (N, H, W, 3): round(127.5 (x + 1)),
+    clipped."""
+    x = torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8)  # floor(v + 0.5) = round
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, labels, path, ncol=None):
+    """A grid PNG of uint8 images (N, H, W, 3), each with its class id written under it.
+
+    Images smaller than GRID_MIN_CELL pixels are upscaled by an integer factor (nearest) so that
+    8x8 digits stay visible. Returns the upscale factor.
+    """
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    scale = max(1, math.ceil(GRID_MIN_CELL / min(h, w)))
+    font = ImageFont.load_default()
+    text_h = font.getbbox("0123456789")[3] + 4
+    pad = GRID_PAD
+    cell_w, cell_h = w * scale + pad, h * scale + text_h + pad
+    grid = Image.new("RGB", (ncol * cell_w + pad, nrow * cell_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        x0, y0 = pad + (i % ncol) * cell_w, pad + (i // ncol) * cell_h
+        grid.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (x0, y0))
+        draw.text((x0, y0 + h * scale + 1), str(int(label)), fill="black", font=font)
+    with checkpoints.atomic_write(path, suffix=".png") as tmp:
+        grid.save(tmp)
+    return scale
 
 
 def write_npz(path, parts, labels):

@@ -20,7 +20,7 @@ from util import free_port
 
 
 def test_digits_are_sklearn_digits_in_model_space():
-    d = digits.training_data()
+    d = data.digits_data()
     x, y = d.dataset.tensors
     ref = load_digits()
     assert x.shape == (1797, 1, 8, 8) and d.num_classes == 10 and not d.flip
@@ -30,15 +30,15 @@ def test_digits_are_sklearn_digits_in_model_space():
 
 def test_loading_data_does_not_import_the_fid_code():
     code = ("import sys; from support import data; data.open_data('digits'); "
-            "print(sorted(m for m in ('fid', 'support.inception_weights') if m in sys.modules))")
+            "print(sorted(m for m in ('fid', 'support.inception') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], cwd=Path(data.__file__).parents[1],
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr[-2000:]
 
 
 def test_digits_upsampled():
-    x8 = digits.training_data(8).dataset.tensors[0]
-    x16 = digits.training_data(16).dataset.tensors[0]
+    x8 = data.digits_data(8).dataset.tensors[0]
+    x16 = data.digits_data(16).dataset.tensors[0]
     assert x16.shape == (1797, 1, 16, 16)
     # bilinear 2x with half-pixel centres: output pixel (0, 0) samples input (-1/4, -1/4),
     # clamped to (0, 0)
@@ -49,7 +49,7 @@ def test_digits_upsampled():
               + 0.25 * 0.25 * x8[..., i + 1, i + 1])
     torch.testing.assert_close(x16[..., 2 * i + 1, 2 * i + 1], expect, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="digits come at 8 px"):
-        digits.training_data(12)
+        data.digits_data(12)
 
 
 def rgb(array):

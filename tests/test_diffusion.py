@@ -250,7 +250,7 @@ def test_power_cosine_schedule_endpoints():
 
 
 def test_guidance_rejects_bad_settings():
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(ValueError, match="guidance s must be finite"):
         diffusion.guided_eps_fn(ToyModel(), toy_inputs()[1], -1.0, ToyModel.NULL)
     with pytest.raises(ValueError, match="decay_power"):
         diffusion.guided_eps_fn(ToyModel(), toy_inputs()[1], 1.0, ToyModel.NULL, decay_power=0.0)
@@ -282,7 +282,7 @@ def test_order_one_is_ddim_step_by_step(skip):
 
     x_T = x_T_samples(batch=4)
     out = diffusion.ode_sample(recording_eps_fn, x_T, 7, order=1, method="singlestep",
-                                skip=skip)
+                                spacing=skip)
     ts, x = grid(skip, 7), x_T
     assert len(seen) == 7
     for i in range(7):
@@ -437,7 +437,7 @@ def test_unipc_equals_the_official_code_on_a_gaussian(order, bh):
     assert len(cases) >= 8  # steps 3 (not order 3), 5, 6, 10, 20; lower_order_final or not
     for key, steps, _, _, final, skip in cases:
         out = diffusion.ode_sample(gaussian_eps, x_T, steps, order=order, method="unipc",
-                                          skip=skip, bh=bh, lower_order_final=final)
+                                          spacing=skip, bh=bh, lower_order_final=final)
         np.testing.assert_allclose(out.numpy(), UNIPC_OUTPUTS[key], rtol=1e-12, atol=1e-13,
                                    err_msg=key)
 
@@ -448,7 +448,7 @@ def test_unipc_equals_the_official_code_on_a_dimr(case):
     z, y = torch.from_numpy(UNIPC_OUTPUTS["net_z"]), torch.from_numpy(UNIPC_OUTPUTS["net_y"])
     with torch.no_grad():
         out = diffusion.ode_sample(diffusion.guided_eps_fn(unipc_net(), y, 0.4, 5), z, steps,
-                                          order=order, method="unipc", skip=skip, bh=bh,
+                                          order=order, method="unipc", spacing=skip, bh=bh,
                                           lower_order_final=final)
     expected = UNIPC_OUTPUTS[key]
     np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
@@ -522,7 +522,7 @@ def test_unipc_convergence_order_on_gaussian(order, bh):
     terms still dominate at these steps with bh2 (observed 3.7-3.8), and partly cancel the
     third-order ones with bh1 (observed 2.6-2.8 here, 2.96 from 1024 to 2048 steps)."""
     steps = [128, 256, 512] if order == 3 else [32, 64, 128]
-    errors = [solver_error(n, order=order, method="unipc", skip="logSNR", bh=bh)
+    errors = [solver_error(n, order=order, method="unipc", spacing="logSNR", bh=bh)
               for n in steps]
     assert errors[0] > errors[1] > errors[2]
     observed = math.log2(errors[1] / errors[2])
@@ -556,7 +556,7 @@ def test_convergence_order_on_gaussian(method, order):
     ratio when doubling the evaluations is about 2^order. Singlestep order 3 takes 3K - 1
     evaluations, i.e. segments [3] * (K - 1) + [2], so that the K segments double."""
     steps = [47, 95, 191] if (method, order) == ("singlestep", 3) else [32, 64, 128]
-    errors = [solver_error(n, order=order, method=method, skip="logSNR") for n in steps]
+    errors = [solver_error(n, order=order, method=method, spacing="logSNR") for n in steps]
     assert errors[0] > errors[1] > errors[2]
     observed = math.log2(errors[1] / errors[2])
     assert abs(observed - order) < 0.3, (errors, observed)
@@ -615,7 +615,7 @@ def test_steps_is_the_number_of_evaluations(method, order, steps):
     calls, reported = [], []
     diffusion.ode_sample(lambda x, n: calls.append(n) or gaussian_eps(x, n),
                                 x_T_samples(batch=2), steps,
-                                order=order, method=method, skip="logSNR", **unipc,
+                                order=order, method=method, spacing="logSNR", **unipc,
                                 progress=lambda done, total: reported.append((done, total)))
     assert len(calls) == steps
     assert reported == [(i, steps) for i in range(1, steps + 1)]
@@ -628,7 +628,7 @@ def test_steps_is_the_number_of_evaluations(method, order, steps):
 def test_solver_errors():
     x = x_T_samples(batch=2)
     for kwargs, match in [(dict(method="adaptive"), "method"), (dict(order=4), "order"),
-                          (dict(skip="karras"), "spacing"),
+                          (dict(spacing="karras"), "spacing"),
                           (dict(steps=2, order=3), "--steps must be >= 3"),
                           (dict(method="unipc", bh="bh3"), "UniPC B\\(h\\)")]:
         with pytest.raises(ValueError, match=match):

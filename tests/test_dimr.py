@@ -16,6 +16,7 @@ from support import checkpoints, depthwise
 from tools import convert
 from tools.count import count
 import dimr
+import td_ln
 from release_reference import release_forward, release_state_dict
 from util import gradcheck_module
 
@@ -227,7 +228,7 @@ def test_glu_shape_and_gradients():
                                           (dimr.ConvNeXtBlock, (B, H, W, D))],
                          ids=["transformer", "convnext"])
 def test_block_shape_and_gradients(Block, shape):
-    block = randomise(Block(MICRO, D, MICRO.widths[0])).double()
+    block = randomise(Block(MICRO, D)).double()
     x, t = f64(*shape), f64(B, seed=1)
     assert block(x, t).shape == shape
     assert gradcheck_module(block, x, t)
@@ -237,7 +238,7 @@ def test_the_cpu_depthwise_kernel_equals_torchs_convolution():
     """support/depthwise.py: a ConvNeXt block with the opt-in CPU backward and channels-last
     kernels gives torch's own outputs and gradients (float32 rounding), passes gradcheck in
     float64, and keeps its parameter names."""
-    plain = randomise(dimr.ConvNeXtBlock(TINY_2R, 16, 32))
+    plain = randomise(dimr.ConvNeXtBlock(TINY_2R, 16))
     fast = depthwise.use_fast_depthwise_backward(depthwise.channels_last_kernels(
         copy.deepcopy(plain)))
     assert list(dict(fast.named_parameters())) == list(dict(plain.named_parameters()))
@@ -253,13 +254,13 @@ def test_the_cpu_depthwise_kernel_equals_torchs_convolution():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    double = depthwise.use_fast_depthwise_backward(randomise(dimr.ConvNeXtBlock(MICRO, D, 8)))
+    double = depthwise.use_fast_depthwise_backward(randomise(dimr.ConvNeXtBlock(MICRO, D)))
     assert gradcheck_module(double.double(), f64(B, H, W, D), f64(B, seed=1))
 
 
 def test_cascade_shape_and_gradients():
     """3 feature maps of width 4 at 3x4 -> one map of width 6 at 6x8 (ratio 2)."""
-    cascade = randomise(dimr.Cascade(MICRO, 3 * 4, 6, 2, MICRO.widths[0])).double()
+    cascade = randomise(dimr.Cascade(MICRO, 3 * 4, 6, 2)).double()
     maps, t = [f64(B, H, W, 4, seed=k) for k in range(3)], f64(B, seed=3)
     assert cascade(maps, t).shape == (B, 2 * H, 2 * W, 6)
     assert gradcheck_module(cascade, *maps, t, pack=lambda *a: (list(a[:-1]), a[-1]))
@@ -267,7 +268,7 @@ def test_cascade_shape_and_gradients():
 
 @pytest.mark.parametrize("patch", [1, 2])
 def test_head_shape_and_gradients(patch):
-    head = randomise(dimr.Head(MICRO, D, patch, MICRO.widths[0])).double()
+    head = randomise(dimr.Head(MICRO, D, patch)).double()
     x, t = f64(B, H, W, D), f64(B, seed=1)
     assert head(x, t).shape == (B, MICRO.in_channels, H * patch, W * patch)
     assert gradcheck_module(head, x, t)
@@ -321,7 +322,7 @@ def test_position_embedding_index():
         branch.patch_embed.bias.zero_()
     seen = {}
     branch.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
-    branch(torch.zeros(1, 1, 4, 4), dimr.time_input(torch.ones(1)), None, None)  # half the max grid
+    branch(torch.zeros(1, 1, 4, 4), td_ln.t_tilde(torch.ones(1)), None, None)  # half the max grid
     grid = cfg.input_size
     for a in range(4):
         for b in range(4):

@@ -40,3 +40,29 @@ def test_every_command_of_the_pages_exists():
             assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), (page.name, module)
         for script in re.findall(r"(?:python|torchrun [^\n]*?) (\w+\.py)\b", text):
             assert (ROOT / script).is_file(), (page.name, script)
+
+
+def test_the_readme_python_example_runs_as_written():
+    """The README's ```python block, executed as it stands: one prediction per branch at its
+    resolution, the loss equal to sum_r alpha_r mean((eps_r - target_r)^2) written out here with
+    the targets sum-pooled over k x k and divided by k, a gradient for every parameter but the TD
+    slopes and offsets w, b (zero at initialisation, where p0 = p1: d/dw of
+    p1 + sigmoid((1 + w) t~ + b) (p0 - p1) carries the factor p0 - p1), and three 8x8 samples."""
+    import torch
+    import torch.nn.functional as F
+
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert len(blocks) == 1 and len(blocks[0].splitlines()) <= 15
+    torch.manual_seed(0)
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    predictions, eps = scope["predictions"], scope["eps"]
+    assert [tuple(p.shape) for p in predictions] == [(4, 1, 4, 4), (4, 1, 8, 8)]
+    target_4x4 = F.avg_pool2d(eps, 2) * 4 / 2                # sum over 2x2, divided by 2
+    expected = (0.25 * ((predictions[0] - target_4x4) ** 2).mean()
+                + ((predictions[1] - eps) ** 2).mean())
+    assert abs(scope["loss"].item() - expected.item()) < 1e-6
+    for name, p in scope["model"].named_parameters():
+        slope_or_offset = name.endswith((".w", ".b"))
+        assert bool(p.grad.abs().sum() > 0) != slope_or_offset, name
+    assert tuple(scope["images"].shape) == (3, 1, 8, 8) and scope["images"].isfinite().all()

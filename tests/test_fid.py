@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fid
-from support import distributed, inception_weights
+from support import distributed, inception
 from support.images import open_images
 
 DATA = Path(__file__).parent / "data"
@@ -36,7 +36,7 @@ def _torchscript():
     graph's names (net.layers.mixed_6.conv is mixed_6/conv)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch deprecates TorchScript
-        return torch.jit.load(str(inception_weights.fid_helper_path()), map_location="cpu")
+        return torch.jit.load(str(inception.fid_helper_path()), map_location="cpu")
 
 
 @functools.cache
@@ -295,8 +295,8 @@ def test_spatial_features_are_mixed_6_conv():
 def test_fid_helper_bn_is_folded_as_tf():
     # The TorchScript's BatchNorm has no scale; its eps is TF's 1e-3 (read from its code).
     assert "0.001" in _torchscript().net.layers.conv.code
-    state = inception_weights.fid_helper_state_dict(inception_weights.fid_helper_path())
-    ours = fid.InceptionV3()
+    state = inception.fid_helper_state_dict(inception.fid_helper_path())
+    ours = inception.InceptionV3()
     assert ours.Conv2d_1a_3x3.bn.eps == 1e-3
     bn_weights = [v for k, v in state.items() if k.endswith("bn.weight")]
     assert len(bn_weights) == 94 and all(torch.all(w == 1) for w in bn_weights)
@@ -315,7 +315,7 @@ def test_weights_from_path_and_file_url_with_logits(tmp_path):
     # and by a file:// URL through the download cache gives back exactly the saved tensors, and
     # logits = pool_3 W without the bias, as ADM's _create_softmax_graph multiplies them.
     torch.manual_seed(1)
-    source = fid.InceptionV3()
+    source = inception.InceptionV3()
     state = source.state_dict()
     weight = torch.randn(1008, 2048) / 50
     state["fc.weight"], state["fc.bias"] = weight, torch.full((1008,), 5.0)
@@ -338,7 +338,7 @@ def test_weights_from_path_and_file_url_with_logits(tmp_path):
 
 
 def test_weights_with_wrong_keys_or_shapes(tmp_path):
-    state = fid.InceptionV3().state_dict()
+    state = inception.InceptionV3().state_dict()
     missing = dict(state)
     del missing["Mixed_7c.branch_pool.conv.weight"]
     torch.save(missing, tmp_path / "missing.pth")
@@ -656,7 +656,7 @@ def test_eval_without_softmax_layer_says_how_to_get_the_inception_score(tmp_path
     fid.main(["eval", str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("Inception Score: unavailable")
-    assert inception_weights.PYTORCH_FID_URL in first
+    assert inception.PYTORCH_FID_URL in first
 
 
 def _activations_on_two_processes(rank, init_file, images, out):

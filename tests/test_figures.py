@@ -42,7 +42,7 @@ def test_every_figure_is_written(tmp_path, monkeypatch, capsys):
                     str(ref), "--fid-images", "6", "--sample-every", "0", "--eval-images", "0",
                     "--results-dir", str(tmp_path / "runs"), "--threads", "1"])
         table5.main(["--out", str(tmp_path / "table5"), "--seeds", "0", "--samples", "4",
-                     "--steps", "2", "--rows", "3", "--fid-ref", str(ref), "--threads", "1"])
+                     "--steps", "2", "--rows", "4", "--fid-ref", str(ref), "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     data = tmp_path / "data"

@@ -51,19 +51,19 @@ def test_to_uint8_rounds_and_clips_like_the_adm_conversion():
     x = torch.cat([torch.rand(2, 3, 5, 5, generator=g) * 2.4 - 1.2,
                    torch.tensor([-1.0, 0.0, 1.0, -2.0, 2.0]).view(1, 1, 1, 5).expand(1, 3, 5, 5)])
     ref = np.clip(np.floor(x.numpy().astype(np.float64) * 127.5 + 127.5 + 0.5), 0, 255)
-    out = sample.to_uint8(x)
+    out = images.to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (3, 5, 5, 3)
     np.testing.assert_array_equal(out, ref.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(out[2, 0, :, 0], [0, 128, 255, 0, 255])  # x = -1, 0, 1, -2, 2
-    grey = sample.to_uint8(x[:, :1])
+    grey = images.to_uint8(x[:, :1])
     np.testing.assert_array_equal(grey, np.repeat(ref[:, :1].transpose(0, 2, 3, 1), 3, axis=3))
 
 
-@pytest.mark.parametrize("method,order,skip", [("singlestep", 3, "time_uniform"),
+@pytest.mark.parametrize("method,order,spacing", [("singlestep", 3, "time_uniform"),
                                                ("singlestep", 2, "logSNR"),
                                                ("unipc", 2, "time_quadratic"),
                                                ("unipc", 3, "logSNR")])
-def test_generate_starts_image_i_from_seed_i(method, order, skip):
+def test_generate_starts_image_i_from_seed_i(method, order, spacing):
     """With eps = 0 the probability-flow ODE maps x_T to x_T * alpha(n=1) / alpha(n=1000) exactly,
     and every DPM-Solver and UniPC step is exact for it, so the output exposes each image's
     starting noise."""
@@ -72,7 +72,7 @@ def test_generate_starts_image_i_from_seed_i(method, order, skip):
     factor = np.sqrt(alpha_bar[0]) / np.sqrt(alpha_bar[-1])
     seeds = [7, 123, 7, 2 ** 40]
     x = sample.generate(ZeroEps(), [0, 4, 2, 1], seeds, steps=6, batch_size=3,
-                        sampler=dict(method=method, order=order, skip=skip))
+                        sampler=dict(method=method, order=order, spacing=spacing))
     for i, s in enumerate(seeds):
         x_T = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s))
         torch.testing.assert_close(x[i], x_T * factor, rtol=1e-5, atol=1e-5)
@@ -167,24 +167,25 @@ def test_npz_has_the_adm_layout(tmp_path):
 
 
 def test_grid_shows_each_image_upscaled_with_its_label(tmp_path):
-    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
-    images[0, :4] = (255, 0, 0)  # top half red
-    images[1] = (0, 0, 255)
-    scale = sample.save_grid(images, [7, 2, 5], tmp_path / "g.png", ncol=2)
+    pictures = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    pictures[0, :4] = (255, 0, 0)  # top half red
+    pictures[1] = (0, 0, 255)
+    scale = images.save_grid(pictures, [7, 2, 5], tmp_path / "g.png", ncol=2)
     assert scale == 8  # 8x8 -> 64x64 (GRID_MIN_CELL)
     grid = np.asarray(Image.open(tmp_path / "g.png"))
-    p = sample.GRID_PAD
+    p = images.GRID_PAD
     np.testing.assert_array_equal(grid[p:p + 64, p:p + 64],
-                                  np.kron(images[0], np.ones((8, 8, 1), np.uint8)))
+                                  np.kron(pictures[0], np.ones((8, 8, 1), np.uint8)))
     second = grid[p:p + 64, 2 * p + 64:2 * p + 128]
     assert (second == (0, 0, 255)).all()
     label_strip = grid[p + 64:p + 64 + 10, p:p + 64]
     assert (label_strip < 128).any()  # the class id is drawn in black under the image
 
 
-def hand_sampled_uint8(model, labels, seeds, steps, s=0.4, null_class=10, solver=None):
+def hand_sampled_uint8(model, labels, seeds, steps, s=1.0, null_class=10, solver=None):
     """What the CLI should write, written out: x_T from each seed's generator, the release's
-    guidance eps_c + s (eps_c - eps_u) at its default s = 0.4, the default sampler (diffusion.py,
+    guidance eps_c + s (eps_c - eps_u) at s = 1, the digits' default (DIGITS_GUIDANCE, written
+    here as a number), the default sampler (diffusion.py,
     tested against closed forms) in fp32, then floor(127.5 x + 128) clipped to 0..255 and the grey
     channel repeated."""
     x_T = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -226,7 +227,7 @@ def test_cli_writes_grid_pngs_and_npz_from_the_chosen_weights(tmp_path):
         np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(raw, labels, seeds, steps=4))
     assert not (tmp_path / "raw" / "images").exists()
     # fp32 on every device
-    assert sample.build_parser().parse_args([str(ckpt), "--out", "o"]).precision == "fp32"
+    assert sample.build_parser().parse_args([str(ckpt), "--out", "o"]).autocast == "fp32"
 
 
 def test_method_release_is_the_releases_sampler_whatever_order_and_skip_say(tmp_path):
@@ -235,7 +236,7 @@ def test_method_release_is_the_releases_sampler_whatever_order_and_skip_say(tmp_
                  "--steps", "7", "--method", "release", "--order", "2", "--skip", "logSNR",
                  "--no-png"])
     # tests/test_diffusion.py: the release's
-    solver = dict(order=3, method="singlestep", skip="time_uniform")
+    solver = dict(order=3, method="singlestep", spacing="time_uniform")
     with np.load(tmp_path / "r" / "samples.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], hand_sampled_uint8(tiny_model(1), [4] * 3,
                                                                      range(3), 7, solver=solver))

@@ -3,7 +3,7 @@ parameter's gradient written out, and gradcheck (finite differences) of the norm
 import pytest
 import torch
 
-from td_ln import TDLayerNorm, TDRMSNorm, TimeDependentParameter, time_input
+from td_ln import TDLayerNorm, TDRMSNorm, TimeDependentParameter, t_tilde
 from util import gradcheck_module
 
 torch.manual_seed(0)
@@ -17,9 +17,9 @@ def randomise(module, scale=0.5):
     return module
 
 
-def test_time_input_closed_form():
+def test_t_tilde_closed_form():
     n = torch.tensor([0.0, 1.0, 250.0, 500.0, 1000.0])
-    assert torch.allclose(time_input(n), torch.tensor([-1.0, -0.998, -0.5, 0.0, 1.0]))
+    assert torch.allclose(t_tilde(n), torch.tensor([-1.0, -0.998, -0.5, 0.0, 1.0]))
 
 
 def test_td_parameter_equals_paper_form():

@@ -19,7 +19,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import TensorDataset
 
-from support import checkpoints
+from support import checkpoints, images
 import diffusion
 import dimr
 import train
@@ -325,8 +325,8 @@ def test_fid_during_training_on_two_processes(tmp_path, monkeypatch):
         ema.load_state_dict(ckpt["ema"])
         labels = np.arange(5) * 10 // 5                       # 'even' classes over the 10 digits
         x = sample.generate(ema.eval(), labels, train.FID_SEED + np.arange(5), steps=3,
-                            cfg_scale=0.0)
-        features = fid.inception_features(sample.to_uint8(x), inception)
+                            guidance=0.0)
+        features = fid.inception_features(images.to_uint8(x), inception)
         expected = moments_distance(*fid.feature_statistics(features), *ref)
         assert logged[step] == pytest.approx(expected, rel=1e-4)
 
@@ -557,7 +557,7 @@ def test_short_demo_lowers_the_loss(tmp_path, capsys):
     assert set(stats[0]) >= {"loss", "loss_branches", "lr", "grad_norm", "images_per_s",
                              "s_per_step"}
     evaluation = json.loads((run_dir / "eval.json").read_text())
-    assert evaluation["samples"] == 10 and evaluation["cfg_scale"] == 1.0
+    assert evaluation["samples"] == 10 and evaluation["guidance"] == 1.0
 
     # Measured independently of the logs: the trained weights predict the noise better than the
     # start.

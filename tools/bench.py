@@ -39,6 +39,7 @@ from tools.count import count
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense, per the data sheets
 FORWARDS_PER_TRAINING_IMAGE = 3       # forward + backward (= 2 forward passes)
 FORWARDS_RECOMPUTED = 1               # gradient checkpointing runs each block's forward again
+GUIDANCE = 0.4  # sampling is timed with guidance: each evaluation runs a doubled batch
 COLUMNS = ("variant", "device", "precision", "micro-batch", "grad. ckpt", "compile",
            "train img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak memory", "sample img/s")
 
@@ -72,12 +73,12 @@ def peak_memory_bytes(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def synthetic_batch(cfg, batch, device, generator, class_dropout):
+def synthetic_batch(config, batch, device, generator, class_dropout):
     """One micro-batch of the model's input shape, drawn as GlobalBatches draws its noise."""
-    shape = (batch, cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = (batch, config.in_channels, config.input_size, config.input_size)
     return train.Batch(
         x0=torch.randn(shape, generator=generator, device=device),
-        y=torch.randint(0, cfg.num_classes, (batch,), generator=generator, device=device),
+        y=torch.randint(0, config.num_classes, (batch,), generator=generator, device=device),
         n=torch.randint(1, diffusion.NUM_TIMESTEPS + 1, (batch,), generator=generator,
                         device=device),
         eps=torch.randn(shape, generator=generator, device=device),
@@ -97,37 +98,38 @@ def time_training(net, state, batch, recipe, amp_dtype, warmup, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def time_sampling(net, cfg, batch, sample_steps, amp_dtype, device, warmup):
+def time_sampling(net, config, batch, sample_steps, amp_dtype, device, warmup):
     """Seconds to sample `batch` images with guidance, after one untimed guided evaluation (a
     batch of 2 x `batch`) if warmup."""
-    labels = torch.arange(batch) % cfg.num_classes
+    labels = torch.arange(batch) % config.num_classes
     if warmup:
-        x = torch.zeros(2 * batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
+        x = torch.zeros(2 * batch, config.in_channels, config.input_size, config.input_size,
+                        device=device)
         with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
             net(x, torch.full((2 * batch,), 500.0, device=device), labels.repeat(2).to(device))
     synchronize(device)
     start = time.perf_counter()
     sample.generate(net, labels, range(batch), steps=sample_steps,
-                    cfg_scale=sample.RELEASE_CFG_SCALE, batch_size=batch, device=device,
+                    guidance=GUIDANCE, batch_size=batch, device=device,
                     amp_dtype=amp_dtype)
     synchronize(device)
     return time.perf_counter() - start
 
 
-def measure(args, model_cfg, recipe, macs, device, batch, precision):
+def measure(args, config, recipe, macs, device, batch, precision):
     """One configuration -> the values of COLUMNS (sampling uses the trained weights)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     kernel = recipe.cpu_conv_kernel if args.cpu_conv_kernel is None else args.cpu_conv_kernel
-    state = train.new_state(model_cfg, dataclasses.replace(recipe, seed=args.seed,
+    state = train.new_state(config, dataclasses.replace(recipe, seed=args.seed,
                                                            cpu_conv_kernel=kernel),
                             device, precision)
     state.model.set_grad_checkpointing(args.grad_checkpointing)
     net = torch.compile(state.model) if args.compile else state.model
-    amp_dtype = sample.PRECISIONS[precision]
+    amp_dtype = sample.AUTOCAST[precision]
     g = torch.Generator(device).manual_seed(args.seed)
-    x = synthetic_batch(model_cfg, batch, device, g, recipe.class_dropout)
+    x = synthetic_batch(config, batch, device, g, recipe.class_dropout)
     step_s = time_training(net, state, x, recipe, amp_dtype, args.warmup, args.steps, device)
     train_ips = batch / step_s
     flops = training_flops_per_image(macs, args.grad_checkpointing)
@@ -135,7 +137,7 @@ def measure(args, model_cfg, recipe, macs, device, batch, precision):
     peak = peak_tflops(device, args.peak_tflops)
     sample_ips = "-"
     if args.sample_steps:
-        seconds = time_sampling(net, model_cfg, batch, args.sample_steps, amp_dtype, device,
+        seconds = time_sampling(net, config, batch, args.sample_steps, amp_dtype, device,
                                 args.warmup > 0)
         sample_ips = f"{batch / seconds:.4g} ({args.sample_steps} evals)"
     return (label(args), device_name(device), precision, batch,
@@ -166,7 +168,7 @@ def build_parser():
     p.add_argument("--batch", type=number(int, 1), nargs="+", default=[32],
                    help="micro-batches (images per forward pass) to measure (default 32)")
     p.add_argument("--precision", nargs="+", default=["auto"],
-                   choices=("auto", *sample.PRECISIONS),
+                   choices=("auto", *sample.AUTOCAST),
                    help="autocast precisions to measure; auto: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute each block in the backward pass (default off)")
@@ -222,20 +224,20 @@ def run(args):
     if device.type == "cuda":  # as train.py: TF32 matmuls for the fp32 parts
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = dimr.ALIASES.get(args.variant, args.variant)
-    model_cfg = dimr.get_config(name, **parse_overrides(args.arch, dimr.DiMRConfig,
+    config = dimr.get_config(name, **parse_overrides(args.arch, dimr.DiMRConfig,
                                                         train.ARCH_KEYS))
     recipe = train.RECIPES[name]
-    macs = sum(row[2] for row in count(model_cfg))
+    macs = sum(row[2] for row in count(config))
     forwards = forward_passes_per_training_image(args.grad_checkpointing)
-    print(f"{name} {model_cfg}: {macs / 1e9:.6g} GMACs per forward pass (tools/count.py, batch "
+    print(f"{name} {config}: {macs / 1e9:.6g} GMACs per forward pass (tools/count.py, batch "
           f"1); a training image = 2 FLOPs/MAC x {forwards} forward passes (README, cost "
           "estimate)", flush=True)
     print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS), flush=True)
     for precision in args.precision:
         for batch in args.batch:
             try:
-                row = measure(args, model_cfg, recipe, macs, device, batch,
-                              train.resolve_precision(precision, device))
+                row = measure(args, config, recipe, macs, device, batch,
+                              train.resolve_autocast(precision, device))
             except torch.OutOfMemoryError:
                 row = (label(args), device_name(device), precision, batch, "", "",
                        "out of memory", *[""] * 5)

@@ -26,19 +26,20 @@ TABLE5 = [
 ]
 
 
-def count(cfg):
+def count(config):
     """[(label, parameters, MACs at batch 1)] per branch, then the embeddings."""
     with torch.device("meta"):
-        model = dimr.DiMR(cfg)
-        x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)
+        model = dimr.DiMR(config)
+        x = torch.zeros(1, config.in_channels, config.input_size, config.input_size)
         t, y = torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
             model(x, t, y)
     flops = counter.get_flop_counts()
     rows = []
     for r, b in enumerate(model.branches):
-        name = f"branch {r + 1} ({'Transformer' if r == 0 else 'ConvNeXt'}, {cfg.widths[r]}-d, " \
-               f"{len(b.blocks)} blocks, {cfg.input_size // cfg.patch_sizes[r]}^2)"
+        kind = "Transformer" if r == 0 else "ConvNeXt"
+        name = f"branch {r + 1} ({kind}, {config.widths[r]}-d, {len(b.blocks)} blocks, " \
+               f"{config.input_size // config.patch_sizes[r]}^2)"
         macs = sum(flops.get(f"DiMR.branches.{r}", {}).values()) // 2
         rows.append((name, sum(p.numel() for p in b.parameters()), macs))
     rest = sum(p.numel() for p in model.parameters()) - sum(r[1] for r in rows)
@@ -46,10 +47,10 @@ def count(cfg):
     return rows
 
 
-def print_summary(name, cfg):
-    rows = count(cfg)
-    print(f"{name}: input {cfg.input_size}x{cfg.input_size}x{cfg.in_channels}, "
-          f"norm={cfg.norm}, mlp={cfg.mlp}")
+def print_summary(name, config):
+    rows = count(config)
+    print(f"{name}: input {config.input_size}x{config.input_size}x{config.in_channels}, "
+          f"norm={config.norm}, mlp={config.mlp}")
     for label, params, macs in rows:
         print(f"  {label:<58} {params:>15,} params {macs / 1e9:9.2f} GMACs")
     print(f"  {'total':<58} {sum(r[1] for r in rows):>15,} params "

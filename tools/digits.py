@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import fid
-from support import digits, distributed, images as image_files, inception_weights
+from support import digits, distributed, images as image_files, inception
 from support.cli import Parser
 
 
@@ -35,16 +35,17 @@ def run(args):
         return
     images, labels = samples_npz(args.samples)
     accuracy = digits.digit_class_accuracy(images, labels)
-    model = fid.inception_model(args)
+    get_inception = fid.inception_getter(args)
     if args.ref:
-        mu_ref, sigma_ref = fid.statistics_of(fid.open_source(args.ref, args.preprocessing), model,
-                                              args.batch_size, args.preprocessing, reference=True)
+        mu_ref, sigma_ref = fid.statistics_of(fid.open_source(args.ref, args.preprocessing),
+                                              get_inception, args.batch_size, args.preprocessing,
+                                              reference=True)
     else:
-        ref = fid.reference_batch(digits.reference_batch_path(args.cache_dir), model,
+        ref = fid.reference_batch(digits.reference_batch_path(args.cache_dir), get_inception,
                                   args.batch_size, args.preprocessing,
-                                  args.weights or inception_weights.DEFAULT_NAME)
+                                  args.weights or inception.DEFAULT_NAME)
         mu_ref, sigma_ref = ref["mu"], ref["sigma"]
-    features = fid.inception_features(images, model(), args.batch_size, args.preprocessing,
+    features = fid.inception_features(images, get_inception(), args.batch_size, args.preprocessing,
                                       label=f"digits: {Path(args.samples).name}")
     print(f"FID: {fid.frechet_distance(*fid.feature_statistics(features), mu_ref, sigma_ref):.4f}")
     per_class = ", ".join(f"{c}: {a:.3f}" for c, a in enumerate(accuracy["per_class"]))

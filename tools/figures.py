@@ -28,7 +28,7 @@ import dimr
 from diffusion import NUM_TIMESTEPS, DiscreteSchedule
 from support import checkpoints, digits, distributed
 from support.cli import Parser
-from td_ln import TimeDependentParameter, time_input
+from td_ln import TimeDependentParameter, t_tilde
 from support.run_folder import read_stats
 from tools.table5 import ROWS, mean_and_spread, slug
 
@@ -204,7 +204,7 @@ def td_weights(model):
     curves = {}
     for name, module in model.named_modules():
         if isinstance(module, TimeDependentParameter):
-            s = torch.sigmoid((1 + module.w) * time_input(n)[:, None] + module.b)  # (1001, dim)
+            s = torch.sigmoid((1 + module.w) * t_tilde(n)[:, None] + module.b)  # (1001, dim)
             curves[name] = {"mean": s.mean(1).tolist(),
                             "changing": float(((s.amax(0) - s.amin(0)) > 0.5).float().mean())}
     return curves
@@ -259,7 +259,7 @@ def table5_figure(record, out):
     left.bar(x, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="C1")
     left.set(ylabel=f"FID-{record['samples']} against the real digits",
              title=f"here: digits, {record['train_steps']:,} steps (mean and std over seeds)")
-    right.bar(x, [r[3] for r in rows], color="C0")
+    right.bar(x, [np.nan if r[3] is None else r[3] for r in rows], color="C0")
     right.set(ylabel="FID-50K", title="the paper: ImageNet 64, 300K steps")
     for ax in (left, right):
         ax.set_xticks(x, [r[0] for r in rows], rotation=30, ha="right", fontsize=7)

@@ -29,9 +29,9 @@ from support.cli import Parser, add_threads_flag, number
 # The named rows (--rows): the release's sampler, DPM-Solver++(3S), the UniPC candidates, and the
 # default (ode_sample's, which depends on the steps).
 ROWS = {"release": ("release (its dpm_solver.py 'fast')", RELEASE_SAMPLER),
-        "dpm-3s": ("DPM-Solver++(3S)", dict(method="singlestep", order=3, skip="logSNR")),
+        "dpm-3s": ("DPM-Solver++(3S)", dict(method="singlestep", order=3, spacing="logSNR")),
         **{f"unipc-{o}-{bh}{'-lof' * lof}": (f"UniPC-{o} {bh}{', lower-order final' * lof}",
-                                             dict(method="unipc", order=o, skip="logSNR", bh=bh,
+                                             dict(method="unipc", order=o, spacing="logSNR", bh=bh,
                                                   lower_order_final=lof))
            for bh in B_H for o in (2, 3) for lof in (False, True)},
         "default": ("**default**", {})}
@@ -120,7 +120,7 @@ def main(argv=None):
                    help="train.py checkpoint (EMA weights) or tools/convert.py output")
     c.add_argument("--num-images", type=number(int, 1), default=40,
                    help="samples x_T (seeds 0..N-1)")
-    c.add_argument("--cfg-scale", type=number(float, 0), default=1.0,
+    c.add_argument("--cfg-scale", dest="guidance", type=number(float, 0), default=1.0,
                    help="guidance s, as sample.py (eps_c + s (eps_c - eps_u)); 0 = none")
     c.add_argument("--reference-steps", type=number(int, 2 * max(ORDERS)), default=1000,
                    help="evaluations of the default sampler for the converged solution")
@@ -130,8 +130,8 @@ def main(argv=None):
 
 def run(args):
     distributed.set_threads(args.threads)
-    every = [dict(method=m, order=o, skip=s, bh=bh, lower_order_final=False)
-             for m in METHODS for o in ORDERS for s in SPACINGS
+    every = [dict(method=m, order=o, spacing=spacing, bh=bh, lower_order_final=False)
+             for m in METHODS for o in ORDERS for spacing in SPACINGS
              for bh in (B_H if m == "unipc" else B_H[:1])]
     rows = [ROWS[key] for key in args.rows] + [(sampler_name(x), x) for x in every] * args.all
     print(f"release = {sampler_name(RELEASE_SAMPLER)}; default = "
@@ -143,12 +143,12 @@ def run(args):
         eps_fn, solution = gaussian_solution(mu, s, x_T)
     else:
         model, _ = checkpoints.load_model(args.checkpoint)
-        cfg = model.config
-        y = torch.arange(args.num_images) % cfg.num_classes
+        config = model.config
+        y = torch.arange(args.num_images) % config.num_classes
         g = torch.Generator().manual_seed(args.seed)
-        x_T = torch.randn(args.num_images, cfg.in_channels, cfg.input_size, cfg.input_size,
-                          generator=g)
-        eps_fn = torch.no_grad()(guided_eps_fn(model, y, args.cfg_scale, cfg.num_classes))
+        x_T = torch.randn(args.num_images, config.in_channels, config.input_size,
+                          config.input_size, generator=g)
+        eps_fn = torch.no_grad()(guided_eps_fn(model, y, args.guidance, config.num_classes))
         solution = ode_sample(eps_fn, x_T, args.reference_steps)
         half = ode_sample(eps_fn, x_T, args.reference_steps // 2)
         record["reference_change"] = rms(solution, half)

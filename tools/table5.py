@@ -46,6 +46,7 @@ import fid
 import sample
 import train
 from support import checkpoints, digits, distributed, provenance
+from support.images import to_uint8
 from support.run_folder import read_stats
 from support.cli import Parser, add_threads_flag, number
 
@@ -83,7 +84,8 @@ def trained_run(root, arch, multiscale, seed, steps, threads):
                 "--multiscale-loss" if multiscale else "--no-multiscale-loss",
                 *(["--arch", *arch] if arch else []), *threads]
     train.main(argv)
-    return sorted(root.glob("*/checkpoints"))[-1].parent, provenance.command("python train.py", argv)
+    run_dir = sorted(root.glob("*/checkpoints"))[-1].parent
+    return run_dir, provenance.command("python train.py", argv)
 
 
 def train_seconds(stats):
@@ -100,8 +102,8 @@ def evaluate(run_dir, num_samples, reference, inception, confidence_classifier):
     path = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
     model, _ = checkpoints.load_model(path)
     labels = sample.parse_classes("even", num_samples, model.config.num_classes, 0)
-    x = sample.generate(model, labels, range(num_samples), steps=SAMPLER_STEPS, cfg_scale=0.0)
-    images = sample.to_uint8(x)
+    x = sample.generate(model, labels, range(num_samples), steps=SAMPLER_STEPS, guidance=0.0)
+    images = to_uint8(x)
     with checkpoints.atomic_write(run_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=images, labels=labels)
     features = fid.inception_features(images, inception, label=f"table5: {run_dir}")
@@ -167,10 +169,11 @@ def run(args, argv):
                           "train_seconds_logged": round(train_seconds(read_stats(run_dir)), 1)}
                 checkpoints.write_text(done, json.dumps(result, indent=1) + "\n")
             results.setdefault(name, []).append(json.loads(done.read_text()))
-    record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "cfg_scale": 0.0,
+    record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "guidance": 0.0,
               "fid_reference": args.fid_ref or "the 1,797 real digits",
               "train_steps": args.steps, "low_confidence_threshold": LOW_CONFIDENCE,
-              "results": results, "this_call": provenance.record("python -m tools.table5", argv, start)}
+              "results": results,
+              "this_call": provenance.record("python -m tools.table5", argv, start)}
     checkpoints.write_text(out / "table5.json", json.dumps(record, indent=1) + "\n")
     if args.json:
         checkpoints.write_text(args.json, json.dumps(record, indent=1) + "\n")
