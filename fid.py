@@ -68,15 +68,16 @@ def tf_resize_bilinear(x, size=INCEPTION_SIZE):
     """TensorFlow's legacy ResizeBilinear (align_corners=False, half_pixel_centers=False), the
     resize inside the TF Inception graph. x: (N, C, H, W) float32 -> (N, C, size, size).
 
-    Output pixel i samples the input at s = i * (n / size), computed in float32 as TF does,
-    between pixels floor(s) and min(floor(s) + 1, n - 1); rows are interpolated before columns.
+    Output pixel i samples the input of `length` pixels at u = i * (length / size), computed in
+    float32 as TF does, between pixels floor(u) and min(floor(u) + 1, length - 1); rows are
+    interpolated before columns.
     Unlike torch's bilinear (half-pixel centres) the grid is anchored at the top-left pixel.
     """
-    def taps(n):  # (size,) lower and upper source pixel, and the weight of the upper
-        scale = torch.tensor(n, dtype=torch.float32) / size
-        s = torch.arange(size, dtype=torch.float32, device=x.device) * scale.to(x.device)
-        lower = s.floor()
-        return lower.long(), torch.clamp(lower.long() + 1, max=n - 1), s - lower
+    def taps(length):  # (size,) lower and upper source pixel, and the weight of the upper
+        scale = torch.tensor(length, dtype=torch.float32) / size
+        u = torch.arange(size, dtype=torch.float32, device=x.device) * scale.to(x.device)
+        lower = u.floor()
+        return lower.long(), torch.clamp(lower.long() + 1, max=length - 1), u - lower
 
     y0, y1, wy = taps(x.shape[-2])
     x0, x1, wx = taps(x.shape[-1])
@@ -219,9 +220,9 @@ def inception_score(logits, split_size=IS_SPLIT):
                          f"got {list(logits.shape)}")
     scores = []
     for start in range(0, len(logits), split_size):
-        log_p = scipy.special.log_softmax(logits[start:start + split_size], axis=1)  # (n, C)
+        log_p = scipy.special.log_softmax(logits[start:start + split_size], axis=1)  # (split, C)
         log_marginal = scipy.special.logsumexp(log_p, axis=0) - np.log(len(log_p))  # (C,)
-        kl = np.sum(np.exp(log_p) * (log_p - log_marginal), axis=1)  # (n,)
+        kl = np.sum(np.exp(log_p) * (log_p - log_marginal), axis=1)  # (split,)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores))
 
@@ -233,9 +234,9 @@ def pairwise_distances(u, v):
     float32 instead when any float16 value of the block is not finite."""
     def distances(dtype):
         a, b = u.to(dtype), v.to(dtype)
-        norm_a = (a * a).float().sum(1).to(dtype)  # (n,)
-        norm_b = (b * b).float().sum(1).to(dtype)  # (m,)
-        dot = (a.float() @ b.float().T).to(dtype)  # (n, m)
+        norm_a = (a * a).float().sum(1).to(dtype)  # (rows,)
+        norm_b = (b * b).float().sum(1).to(dtype)  # (cols,)
+        dot = (a.float() @ b.float().T).to(dtype)  # (rows, cols)
         return torch.clamp(norm_a[:, None] - 2 * dot + norm_b[None], min=0)
 
     d = distances(torch.float16)

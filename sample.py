@@ -66,7 +66,7 @@ def image_generators(seeds):
     """One CPU torch.Generator per image, seeded with its seed: x_T is its first standard normal
     (C, H, W), and DDPM's step noise follows from it, so image i is the same whatever the batch
     composition or the number of processes."""
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
 def check_labels(labels, num_classes):
@@ -119,7 +119,7 @@ def generate(model, labels, seeds, steps=DEFAULT_STEPS, guidance=None, decay_pow
         guidance = default_guidance(config)[0]
     check_labels(labels, config.num_classes)
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
-    seeds = [int(s) for s in seeds]
+    seeds = [int(seed) for seed in seeds]
     if len(seeds) != len(labels):
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
     out = []

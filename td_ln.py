@@ -7,6 +7,7 @@ gain and bias is a time-dependent parameter, an interpolation between two learne
     release form:   gamma(t~) = p1 + sigmoid((1 + w) t~ + b) (p0 - p1)
 
 which is the same family (the release's p0/p1 are the paper's p1/p2, its w is offset by one).
+The paper's s, the interpolation weight, is `weight` here (s is the guidance elsewhere).
 We use the release form so that the authors' checkpoints load unchanged. Compared with
 adaLN-Zero (DiT), which spends a (D x 6D) matrix per block on the time embedding, a TD parameter
 costs 4 vectors of width D.
@@ -46,8 +47,8 @@ class TimeDependentParameter(nn.Module):
         self.b = nn.Parameter(torch.zeros(dim))
 
     def forward(self, t_tilde):                                       # (B,)
-        s = torch.sigmoid((1 + self.w) * t_tilde[:, None] + self.b)   # (B, dim)
-        return self.p1 + s * (self.p0 - self.p1)                      # (B, dim)
+        weight = torch.sigmoid((1 + self.w) * t_tilde[:, None] + self.b)  # (B, dim)
+        return self.p1 + weight * (self.p0 - self.p1)                    # (B, dim)
 
 
 def per_sample(v, x):

@@ -92,7 +92,8 @@ class TrainConfig:
     grad_clip: float | None = opt(None, "clip the gradient norm to this (default: no clipping)",
                                   low=0)
     autocast: str = opt("auto", "fp32, bf16 (autocast) or fp16 (autocast and GradScaler); auto: "
-                                "bf16 on CUDA, fp32 on the CPU", flag="--precision")
+                                "bf16 on CUDA, fp32 on the CPU",
+                         choices=("auto", *sample.AUTOCAST), flag="--precision")
     grad_checkpointing: bool = opt(True, "recompute each block in the backward pass")
     compile: bool = opt(False, "torch.compile the model")
     cpu_conv_kernel: bool = opt(False, "CPU only: the depthwise convolutions with a faster "
@@ -104,17 +105,18 @@ class TrainConfig:
     # run folder, logging, samples, FID
     results_dir: str = opt("runs", "parent of the numbered run folders")
     log_every: int = opt(100, "steps per log line and maintenance tick (stop checks)", low=1)
-    ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every", low=1)
+    ckpt_every: int = opt(10_000, "steps per checkpoint, a multiple of --log-every", low=1,
+                          multiple_of="log_every")
     keep: int = opt(3, "checkpoints kept (the best-FID one is kept besides)", low=1)
     sample_every: int = opt(10_000, "steps per EMA sample grid, a multiple of --log-every; 0: none",
-                            low=0)
+                            low=0, multiple_of="log_every")
     sample_steps: int = opt(10, "sampler evaluations of grids, FID samples, the final evaluation",
                             low=3)
     guidance: float | None = opt(None, "guidance s of the grids and the final evaluation, as "
                                        "sample.py's --cfg-scale (default: the model's, "
                                        "sample.default_guidance)", low=0, flag="--cfg-scale")
     fid_every: int = opt(0, "steps per FID of EMA samples (no guidance, as the release), a "
-                            "multiple of --ckpt-every; 0: none", low=0)
+                            "multiple of --ckpt-every; 0: none", low=0, multiple_of="ckpt_every")
     fid_ref: str | None = opt(None, "reference statistics .npz (mu, sigma) for --fid-every")
     fid_images: int = opt(10_000, "samples per FID", low=2)
     eval_images: int = opt(200, "samples of the data's own final evaluation, where it has one "
@@ -255,8 +257,8 @@ def no_sync(net, last):
 def train(cfg, ckpt=None, ckpt_path=None):
     run = setup(cfg, ckpt, ckpt_path)
     stop_signal = []  # SIGTERM (preemption) or Ctrl-C: stop at the end of the log interval
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         tick_step, tick_time, sums, outcome = run.state.step, time.time(), 0.0, None
         while outcome is None:
@@ -269,8 +271,8 @@ def train(cfg, ckpt=None, ckpt_path=None):
                 outcome = maintenance(run, lr, sums, tick_step, tick_time, bool(stop_signal))
                 tick_step, tick_time, sums = run.state.step, time.time(), 0.0
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if outcome == "finished" and run.folder:
         finish(run)
 
@@ -684,19 +686,10 @@ def parse_config(argv=None):
 
 
 def check_config(c):
-    """The ranges of the fields (support/cli.py) and what the fields demand of each other."""
+    """The fields' constraints (opt(...), support/cli.py), and --fid-ref with --fid-every."""
     check_fields(c)
-    problems = [f"{flag(every)} {getattr(c, every)} must be a multiple of {flag(unit)} "
-                f"{getattr(c, unit)}" for every, unit in (("ckpt_every", "log_every"),
-                                                          ("sample_every", "log_every"),
-                                                          ("fid_every", "ckpt_every"))
-                if getattr(c, every) % getattr(c, unit)]
-    problems += ["--precision must be auto, fp32, bf16 or fp16, not "
-                 f"{c.autocast}"] * (c.autocast not in ("auto", *sample.AUTOCAST))
-    problems += ["--fid-every needs --fid-ref (reference statistics, from `fid.py "
-                 "ref`)"] * bool(c.fid_every and not c.fid_ref)
-    if problems:
-        raise ValueError("; ".join(problems))
+    if c.fid_every and not c.fid_ref:
+        raise ValueError("--fid-every needs --fid-ref (reference statistics, from `fid.py ref`)")
 
 
 def main(argv=None):

@@ -60,10 +60,12 @@ def out_of_range(value, low, high):
             or (high is not None and value >= high))
 
 
-def opt(default, help, *, low=None, high=None, flag=None):
-    """A dataclass field with its help, its range low <= value < high (each bound optional) and
+def opt(default, help, *, low=None, high=None, choices=None, multiple_of=None, flag=None):
+    """A dataclass field with its help, its constraints (the range low <= value < high, each bound
+    optional; the allowed values; another field whose value this one must be a multiple of) and
     its flag (default --field-name), for add_dataclass_flags and check_fields."""
     return field(default=default, metadata={"help": help, "low": low, "high": high,
+                                            "choices": choices, "multiple_of": multiple_of,
                                             "flag": flag})
 
 
@@ -74,17 +76,25 @@ def flag(name, cls=None):
 
 
 def check_fields(obj):
-    """Every field of a dataclass made with `opt` within its range (tuples: each entry)."""
-    problems = []
+    """Every field of a dataclass made with `opt` within its constraints (tuples: each entry):
+    one ValueError naming every problem."""
+    problems, cls = [], type(obj)
     for f in dataclasses.fields(obj):
         low, high = f.metadata.get("low"), f.metadata.get("high")
+        choices, unit = f.metadata.get("choices"), f.metadata.get("multiple_of")
         value = getattr(obj, f.name)
         values = value if isinstance(value, tuple) else (value,)
         if (low is not None or high is not None) and value is not None and any(
                 out_of_range(v, low, high) for v in values):
             kind = int if all(isinstance(v, int) for v in values) else float
-            problems.append(f"{flag(f.name, type(obj))} must be {describe(low, high, kind)}, "
+            problems.append(f"{flag(f.name, cls)} must be {describe(low, high, kind)}, "
                             f"got {value}")
+        if choices and value not in choices:
+            problems.append(f"{flag(f.name, cls)} must be one of {', '.join(choices)}, "
+                            f"not {value}")
+        if unit and getattr(obj, unit) and value % getattr(obj, unit):
+            problems.append(f"{flag(f.name, cls)} {value} must be a multiple of "
+                            f"{flag(unit, cls)} {getattr(obj, unit)}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -96,6 +106,8 @@ def flag_kwargs(f):
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if kind is bool:
         return dict(action=argparse.BooleanOptionalAction)
+    if f.metadata.get("choices"):
+        return dict(type=kind, choices=f.metadata["choices"])
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
         return dict(type=args[0], nargs="+" if args[-1] is Ellipsis else len(args), metavar="X")

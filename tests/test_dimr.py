@@ -44,9 +44,9 @@ def randomise(model, seed=0):
 def inputs(cfg, B=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    t = torch.tensor([1.0, 250.0, 999.0, 600.5, 37.0, 1000.0][:B])
+    n = torch.tensor([1.0, 250.0, 999.0, 600.5, 37.0, 1000.0][:B])
     y = torch.tensor([0, cfg.num_classes, 3, 1, 2, 5][:B])        # includes the null class
-    return x, t, y
+    return x, n, y
 
 
 @pytest.mark.parametrize("name, params", [
@@ -98,8 +98,8 @@ def test_reference_generator_matches_release_file():
 
 @pytest.mark.parametrize("cfg", [TINY_2R, TINY_3R], ids=["2R", "3R"])
 def test_output_shapes(cfg):
-    x, t, y = inputs(cfg)
-    outs = dimr.DiMR(cfg)(x, t, y)
+    x, n, y = inputs(cfg)
+    outs = dimr.DiMR(cfg)(x, n, y)
     sizes = [cfg.input_size // (cfg.patch_size // 2 ** r) for r in range(cfg.num_branches)]
     assert [tuple(o.shape) for o in outs] == [(4, cfg.in_channels, s, s) for s in sizes]
     assert sizes[-1] == cfg.input_size
@@ -110,7 +110,7 @@ def test_from_official_equals_release_forward(blocks):
     """from_official + our forward == the release's forward (tests/release_reference.py), same
     random weights, TD parameters included (p0 != p1, w and b non-zero). 5 to 7 blocks per branch
     give 2 or 3 long skips, so the order in which they are popped matters. The batch mixes times,
-    and rows 0 and 1 differ only in t. float64: differences are rounding, 1e-10; float32 to 1e-4
+    and rows 0 and 1 differ only in n. float64: differences are rounding, 1e-10; float32 to 1e-4
     relative."""
     R = len(blocks)
     widths = (32, 16, 8)[:R]
@@ -158,10 +158,10 @@ def test_convert_command_roundtrip(tmp_path):
     torch.save(sd, tmp_path / "release.pth")
     convert.main([str(tmp_path / "release.pth"), str(tmp_path / "ours.pt"), "--heads", "4"])
     model, _ = checkpoints.load_model(tmp_path / "ours.pt")
-    x, t, y = inputs(model.config)
-    ref = release_forward({k: v.double() for k, v in sd.items()}, x.double(), t.double(), y,
+    x, n, y = inputs(model.config)
+    ref = release_forward({k: v.double() for k, v in sd.items()}, x.double(), n.double(), y,
                           heads=4)
-    for a, b in zip(model(x, t, y), ref):
+    for a, b in zip(model(x, n, y), ref):
         assert (a.double() - b).abs().max() / b.abs().max() < 1e-4
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="error: cannot read checkpoint"):
@@ -198,8 +198,8 @@ def test_bad_configs_raise_clear_errors():
 
 def test_every_parameter_gets_a_gradient():
     model = randomise(dimr.DiMR(TINY_3R))
-    x, t, y = inputs(TINY_3R)
-    sum(o.sum() for o in model(x, t, y)).backward()
+    x, n, y = inputs(TINY_3R)
+    sum(o.sum() for o in model(x, n, y)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert no_grad == []
     # only the class rows that no sample in the batch uses stay untouched
@@ -229,9 +229,9 @@ def test_glu_shape_and_gradients():
                          ids=["transformer", "convnext"])
 def test_block_shape_and_gradients(Block, shape):
     block = randomise(Block(MICRO, D)).double()
-    x, t = f64(*shape), f64(B, seed=1)
-    assert block(x, t).shape == shape
-    assert gradcheck_module(block, x, t)
+    x, t_tilde = f64(*shape), f64(B, seed=1)
+    assert block(x, t_tilde).shape == shape
+    assert gradcheck_module(block, x, t_tilde)
 
 
 def test_the_cpu_depthwise_kernel_equals_torchs_convolution():
@@ -244,10 +244,10 @@ def test_the_cpu_depthwise_kernel_equals_torchs_convolution():
     assert list(dict(fast.named_parameters())) == list(dict(plain.named_parameters()))
     assert fast.dwconv.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(3, 6, 5, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
-    t = torch.tensor([0.3, -0.5, 0.9])
+    t_tilde = torch.tensor([0.3, -0.5, 0.9])
     outs, grads = [], []
     for block in (plain, fast):
-        out = block(x, t)
+        out = block(x, t_tilde)
         outs.append(out)
         grads.append(torch.autograd.grad((out * torch.cos(out)).sum(),
                                          [x, *block.dwconv.parameters()]))
@@ -261,39 +261,39 @@ def test_the_cpu_depthwise_kernel_equals_torchs_convolution():
 def test_cascade_shape_and_gradients():
     """3 feature maps of width 4 at 3x4 -> one map of width 6 at 6x8 (ratio 2)."""
     cascade = randomise(dimr.Cascade(MICRO, 3 * 4, 6, 2)).double()
-    maps, t = [f64(B, H, W, 4, seed=k) for k in range(3)], f64(B, seed=3)
-    assert cascade(maps, t).shape == (B, 2 * H, 2 * W, 6)
-    assert gradcheck_module(cascade, *maps, t, pack=lambda *a: (list(a[:-1]), a[-1]))
+    maps, t_tilde = [f64(B, H, W, 4, seed=k) for k in range(3)], f64(B, seed=3)
+    assert cascade(maps, t_tilde).shape == (B, 2 * H, 2 * W, 6)
+    assert gradcheck_module(cascade, *maps, t_tilde, pack=lambda *a: (list(a[:-1]), a[-1]))
 
 
 @pytest.mark.parametrize("patch", [1, 2])
 def test_head_shape_and_gradients(patch):
     head = randomise(dimr.Head(MICRO, D, patch)).double()
-    x, t = f64(B, H, W, D), f64(B, seed=1)
-    assert head(x, t).shape == (B, MICRO.in_channels, H * patch, W * patch)
-    assert gradcheck_module(head, x, t)
+    x, t_tilde = f64(B, H, W, D), f64(B, seed=1)
+    assert head(x, t_tilde).shape == (B, MICRO.in_channels, H * patch, W * patch)
+    assert gradcheck_module(head, x, t_tilde)
 
 
 def test_dimr_shapes_and_gradients():
-    """The whole network, x and the DDPM step t as inputs (y, an index, has no gradient)."""
+    """The whole network, x and the DDPM step n as inputs (y, an index, has no gradient)."""
     cfg = MICRO
     model = randomise(dimr.DiMR(cfg)).double()
     x = f64(B, cfg.in_channels, cfg.input_size, cfg.input_size)
-    t = torch.tensor([130.0, 870.0], dtype=torch.float64, requires_grad=True)
+    n = torch.tensor([130.0, 870.0], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([1, cfg.num_classes])
     sizes = [cfg.input_size // p for p in cfg.patch_sizes]
-    assert [tuple(o.shape) for o in model(x, t, y)] == [(B, cfg.in_channels, s, s) for s in sizes]
-    assert gradcheck_module(model, x, t, pack=lambda x, t: (x, t, y))
+    assert [tuple(o.shape) for o in model(x, n, y)] == [(B, cfg.in_channels, s, s) for s in sizes]
+    assert gradcheck_module(model, x, n, pack=lambda x, n: (x, n, y))
 
 
 def test_gradient_checkpointing_gives_identical_gradients():
     model = randomise(dimr.DiMR(TINY_2R))
-    x, t, y = inputs(TINY_2R)
+    x, n, y = inputs(TINY_2R)
     grads = []
     for flag in (False, True):
         model.zero_grad()
         model.set_grad_checkpointing(flag)
-        sum(o.square().mean() for o in model(x, t, y)).backward()
+        sum(o.square().mean() for o in model(x, n, y)).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
@@ -332,8 +332,8 @@ def test_position_embedding_index():
 def test_adaln_zero_blocks_start_as_identity():
     cfg = dataclasses.replace(TINY_2R, norm="adaln_zero")
     model = dimr.DiMR(cfg)
-    x, t, y = inputs(cfg)
-    c, _ = model.condition(t, y)
+    x, n, y = inputs(cfg)
+    c, _ = model.condition(n, y)
     tokens = torch.randn(4, 5, 32)
     assert torch.equal(model.branches[0].blocks[0](tokens, c), tokens)
 
@@ -344,14 +344,14 @@ def test_ln_ablation_prepends_a_time_token_and_a_class_token():
     n * 10000^(-i / (D / 2)))."""
     cfg = dimr.get_config("s", widths=(32, 16), depths=(2, 2), num_heads=2, norm="ln")
     model = dimr.DiMR(cfg).eval()
-    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([7.0, 800.0]), torch.tensor([3, 10])
+    x, n, y = torch.randn(2, 1, 8, 8), torch.tensor([7.0, 800.0]), torch.tensor([3, 10])
     seen = []
     model.branches[0].blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
-        model(x, t, y)
+        model(x, n, y)
     tokens = seen[0]                                                     # (B, 2 + 16, D)
     half = cfg.widths[0] // 2
-    angles = t[:, None] * torch.tensor([10000.0 ** (-i / half) for i in range(half)])
+    angles = n[:, None] * torch.tensor([10000.0 ** (-i / half) for i in range(half)])
     torch.testing.assert_close(tokens[:, 0], torch.cat([angles.cos(), angles.sin()], -1),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tokens[:, 1], model.class_embed.weight[y])
@@ -366,8 +366,8 @@ def test_table5_ablations_run(norm, mlp, depths, widths):
     patch = 2 if len(depths) > 1 else 4
     cfg = dimr.get_config("s", norm=norm, mlp=mlp, depths=depths, widths=widths, patch_size=patch)
     model = randomise(dimr.DiMR(cfg))
-    x, t, y = inputs(cfg)
-    outs = model(x, t, y)
+    x, n, y = inputs(cfg)
+    outs = model(x, n, y)
     assert outs[-1].shape == x.shape  # the single-branch model un-patchifies to full resolution
     # GELU MLP has 8 D^2 weights per block against GLU's 6 D^2
     glu = meta_params(dataclasses.replace(cfg, mlp="glu"))

@@ -42,7 +42,7 @@ class ZeroEps(torch.nn.Module):
         self.config = SimpleNamespace(in_channels=channels, input_size=size,
                                       num_classes=num_classes)
 
-    def forward(self, x, t, y):
+    def forward(self, x, n, y):
         return [torch.zeros_like(x)]
 
 
@@ -363,3 +363,66 @@ def test_bad_input_gets_one_line_errors(tmp_path):
         sample.generate(tiny_model(0), [1, 2, 3], [0, 1])
     with pytest.raises(ValueError, match="out of range"):
         sample.generate(tiny_model(0), [-1], [0])
+
+
+# The paper's protocol per variant: Table 2 (ImageNet 64) is unguided; the release's eval.py
+# samples its 256 px latent models at s = 0.4; at 512 px neither says (ours: 0.4, and it says so);
+# the digits demo samples at s = 1 (docs/demo.md).
+PAPER_GUIDANCE = {"DiMR-M/3R": 0.0, "DiMR-L/3R": 0.0, "DiMR-XL/2R": 0.4, "DiMR-G/2R": 0.4,
+                  "DiMR-XL/3R": 0.4, "DiMR-S/2R": 1.0}
+
+
+def test_the_default_guidance_is_the_papers_protocol_per_variant():
+    for name, s in PAPER_GUIDANCE.items():
+        value, why = sample.default_guidance(dimr.get_config(name))
+        assert value == s and why.startswith(f"default for {name}: "), (name, value, why)
+    assert "Table 2" in sample.default_guidance(dimr.get_config("m"))[1]
+    assert "our choice" in sample.default_guidance(dimr.get_config("xl_3r"))[1]
+
+
+def test_a_64px_pixel_model_samples_unguided_unless_told(tmp_path, capsys):
+    """sample.py on a small 64x64x3 model (ImageNet 64's shape): without --cfg-scale its images are
+    the unguided ODE solution written out here (one forward pass per evaluation, eps_c alone);
+    --cfg-scale 0.4 changes them, and the settings line says where each value came from."""
+    torch.manual_seed(0)
+    model = dimr.DiMR(dimr.get_config("m", depths=(1, 1, 1), widths=(16, 8, 4),
+                                      num_heads=2)).eval()
+    ckpt = save_ckpt(tmp_path / "m.pt", model, model)
+    common = ["--num-images", "2", "--classes", "3,5", "--steps", "3", "--no-png"]
+    sample.main([str(ckpt), "--out", str(tmp_path / "default"), *common])
+    assert ("guidance s = 0 (default for a 64x64x3 model: the paper's Table 2 protocol"
+            in capsys.readouterr().out)
+    sample.main([str(ckpt), "--out", str(tmp_path / "guided"), "--cfg-scale", "0.4", *common])
+    assert "guidance s = 0.4 (given)" in capsys.readouterr().out
+    y = torch.tensor([3, 5])
+    x_T = torch.stack([torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(seed))
+                       for seed in (0, 1)])
+    with torch.no_grad():
+        x = ode_sample(lambda x, n: model(x, n, y)[-1], x_T, 3).double().numpy()
+    unguided = np.clip(np.floor(127.5 * x + 128.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    with np.load(tmp_path / "default" / "samples.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], unguided)
+    with np.load(tmp_path / "guided" / "samples.npz") as f:
+        assert (f["arr_0"] != unguided).any()
+
+
+def test_training_grids_sample_at_the_models_default_guidance(tmp_path, capsys):
+    """train.py's grid of a digits run: its first cell is the EMA's sample of class 0 from seed 0
+    at s = 1, the digits' default (not at s = 0, which gives another image), and the run's
+    summary says so."""
+    import train
+    train.main(["--steps", "2", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "2",
+                "--sample-steps", "3", "--eval-images", "0", "--minutes", "0", "--threads", "1",
+                "--results-dir", str(tmp_path)])
+    assert ("samples: guidance s = 1 (default for DiMR-S/2R: the digits demo's choice"
+            in capsys.readouterr().out)
+    run = next(tmp_path.iterdir())
+    ema = dimr.DiMR(dimr.get_config("s")).eval()
+    ema.load_state_dict(checkpoints.load(run / "checkpoints" / "ckpt_0000002.pt")["ema"])
+    first = {s: images.to_uint8(sample.generate(ema, [0], [0], steps=3, guidance=s))[0]
+             for s in (0.0, 1.0)}
+    assert (first[0.0] != first[1.0]).any()
+    grid = np.asarray(Image.open(run / "samples" / "step_0000002.png"))
+    p, cell = images.GRID_PAD, 8 * 8  # 8x8 digits drawn 8 times larger
+    np.testing.assert_array_equal(grid[p:p + cell, p:p + cell],
+                                  np.kron(first[1.0], np.ones((8, 8, 1), np.uint8)))

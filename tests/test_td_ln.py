@@ -26,9 +26,9 @@ def test_td_parameter_equals_paper_form():
     """Paper Eq.: s = sigmoid(w t + b), gamma = s P1 + (1 - s) P2, with P1 = p0, P2 = p1,
     w = 1 + w'."""
     td = randomise(TimeDependentParameter(6, 1.0)).double()
-    t = torch.tensor([-1.0, -0.3, 0.0, 0.7, 1.0], dtype=torch.float64)
-    got = td(t)
-    for i, ti in enumerate(t):
+    t_tilde = torch.tensor([-1.0, -0.3, 0.0, 0.7, 1.0], dtype=torch.float64)
+    got = td(t_tilde)
+    for i, ti in enumerate(t_tilde):
         for d in range(6):
             s = 1 / (1 + torch.exp(-((1 + td.w[d]) * ti + td.b[d])))
             want = s * td.p0[d] + (1 - s) * td.p1[d]
@@ -45,11 +45,11 @@ def test_td_parameter_gradient_closed_form():
     d/dp0 = s, d/dp1 = 1 - s, d/dw = s' t~ (p0 - p1), d/db = s' (p0 - p1),
     d/dt~ = s' (1 + w) (p0 - p1), each summed over the batch against the upstream gradient."""
     td = randomise(TimeDependentParameter(4, 1.0)).double()
-    t = torch.tensor([-0.9, 0.1, 0.8, 1.0], dtype=torch.float64, requires_grad=True)
+    t_tilde = torch.tensor([-0.9, 0.1, 0.8, 1.0], dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(4, 4, dtype=torch.float64)
-    got = torch.autograd.grad(td(t), (td.p0, td.p1, td.w, td.b, t), upstream)
+    got = torch.autograd.grad(td(t_tilde), (td.p0, td.p1, td.w, td.b, t_tilde), upstream)
     p0, p1, w, b = (p.detach() for p in (td.p0, td.p1, td.w, td.b))
-    tt = t.detach()[:, None]                                                  # (B, 1)
+    tt = t_tilde.detach()[:, None]                                            # (B, 1)
     s = 1 / (1 + torch.exp(-((1 + w) * tt + b)))                             # (B, D)
     ds = s * (1 - s) * (p0 - p1)
     want = [(upstream * s).sum(0), (upstream * (1 - s)).sum(0), (upstream * ds * tt).sum(0),
@@ -65,20 +65,20 @@ def test_td_parameter_gradient_closed_form():
                          ids=["td-parameter", "td-layernorm", "td-rmsnorm"])
 def test_gradcheck_in_inputs_and_parameters(module, x_shape):
     module = randomise(module).double()
-    t = torch.tensor([-0.7, 0.2, 1.0], dtype=torch.float64, requires_grad=True)
+    t_tilde = torch.tensor([-0.7, 0.2, 1.0], dtype=torch.float64, requires_grad=True)
     if x_shape is None:
-        assert module(t).shape == (3, 3)
-        assert gradcheck_module(module, t)
+        assert module(t_tilde).shape == (3, 3)
+        assert gradcheck_module(module, t_tilde)
         return
     x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
-    assert module(x, t).shape == x_shape
-    assert gradcheck_module(module, x, t)
+    assert module(x, t_tilde).shape == x_shape
+    assert gradcheck_module(module, x, t_tilde)
 
 
 def test_td_layernorm_at_init_is_plain_layernorm():
     x = torch.randn(3, 5, 7, 16, dtype=torch.float64)
-    t = torch.tensor([-1.0, 0.2, 1.0], dtype=torch.float64)
-    got = TDLayerNorm(16).double()(x, t)
+    t_tilde = torch.tensor([-1.0, 0.2, 1.0], dtype=torch.float64)
+    got = TDLayerNorm(16).double()(x, t_tilde)
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     assert torch.allclose(got, (x - mean) / torch.sqrt(var + 1e-5), atol=1e-12)
@@ -88,12 +88,12 @@ def test_td_layernorm_random_closed_form():
     """Random TD parameters, a batch that mixes times, each sample against the formula."""
     norm = randomise(TDLayerNorm(8)).double()
     x = torch.randn(2, 4, 8, dtype=torch.float64)
-    t = torch.tensor([-0.5, 0.9], dtype=torch.float64)
-    got = norm(x, t)
+    t_tilde = torch.tensor([-0.5, 0.9], dtype=torch.float64)
+    got = norm(x, t_tilde)
     for i in range(2):
-        g = norm.gamma.p1 + (torch.sigmoid((1 + norm.gamma.w) * t[i] + norm.gamma.b)
+        g = norm.gamma.p1 + (torch.sigmoid((1 + norm.gamma.w) * t_tilde[i] + norm.gamma.b)
                              * (norm.gamma.p0 - norm.gamma.p1))
-        bt = norm.beta.p1 + (torch.sigmoid((1 + norm.beta.w) * t[i] + norm.beta.b)
+        bt = norm.beta.p1 + (torch.sigmoid((1 + norm.beta.w) * t_tilde[i] + norm.beta.b)
                              * (norm.beta.p0 - norm.beta.p1))
         xi = x[i]
         ln = (xi - xi.mean(-1, keepdim=True)) \
@@ -104,11 +104,11 @@ def test_td_layernorm_random_closed_form():
 def test_td_rmsnorm_closed_form():
     norm = randomise(TDRMSNorm(12)).double()
     x = torch.randn(3, 5, 12, dtype=torch.float64)
-    t = torch.tensor([-1.0, 0.0, 0.6], dtype=torch.float64)
-    got = norm(x, t)
+    t_tilde = torch.tensor([-1.0, 0.0, 0.6], dtype=torch.float64)
+    got = norm(x, t_tilde)
     p = norm.gamma
     for i in range(3):
-        s = 1 / (1 + torch.exp(-((1 + p.w) * t[i] + p.b)))
+        s = 1 / (1 + torch.exp(-((1 + p.w) * t_tilde[i] + p.b)))
         g = s * p.p0 + (1 - s) * p.p1                       # the paper's form, written out
         for l in range(5):
             v = x[i, l]

@@ -31,9 +31,9 @@ def count(config):
     with torch.device("meta"):
         model = dimr.DiMR(config)
         x = torch.zeros(1, config.in_channels, config.input_size, config.input_size)
-        t, y = torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
+        n, y = torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
         with FlopCounterMode(display=False) as counter:
-            model(x, t, y)
+            model(x, n, y)
     flops = counter.get_flop_counts()
     rows = []
     for r, b in enumerate(model.branches):
