@@ -57,10 +57,10 @@ class DiscreteSchedule:
     """
 
     def __init__(self):
-        n = NUM_TIMESTEPS
-        self.betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, n, dtype=torch.float64) ** 2
+        T = NUM_TIMESTEPS
+        self.betas = torch.linspace(BETA_START ** 0.5, BETA_END ** 0.5, T, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # index n-1 holds alpha_bar_n
-        self.t_array = torch.arange(1, n + 1, dtype=torch.float64) / n  # t_n = n / 1000
+        self.t_array = torch.arange(1, T + 1, dtype=torch.float64) / T  # t_n = n / T
         self.log_alpha_array = 0.5 * torch.log(self.alphas_cumprod)
         # (device, dtype) -> (2, 1000): sqrt(alpha_bar_n), sqrt(1 - alpha_bar_n)
         self._q_tables = {}
@@ -111,9 +111,10 @@ def loss_weights(num_branches, multiscale=True):
 
 
 def multiscale_targets(eps, sizes):
-    """Noise targets per branch: sum-pool over k x k, divided by k, with k = full size / size.
+    """Noise targets per branch: sum-pool over f x f, divided by f, with f = full size / size
+    (the paper's k, written f here, where k is a solver's order).
 
-    A sum of k^2 independent unit-variance values has variance k^2, so dividing by k keeps the
+    A sum of f^2 independent unit-variance values has variance f^2, so dividing by f keeps the
     targets at unit variance, like the noise itself. eps [B, C, H, W]; sizes: the branches'
     spatial sizes, each an int (square) or (H_r, W_r). Returns a list of [B, C, H_r, W_r].
     """
@@ -121,8 +122,8 @@ def multiscale_targets(eps, sizes):
     targets = []
     for size in sizes:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        k = H // h  # the model's branch sizes divide H and W by one factor each
-        targets.append(F.avg_pool2d(eps, k) * k if k > 1 else eps)  # avg * k^2 / k = sum / k
+        f = H // h  # the model's branch sizes divide H and W by one factor each
+        targets.append(F.avg_pool2d(eps, f) * f if f > 1 else eps)  # avg * f^2 / f = sum / f
     return targets
 
 
@@ -155,11 +156,11 @@ def guided_eps_fn(model, y, guidance, null_class, decay_power=None):
     guidance, side by side:
       release:  eps = eps_c + s * (eps_c - eps_u)       (the release's "cfg scale", 0.4 at 256 px)
       usual:    eps = eps_u + w * (eps_c - eps_u),  w = 1 + s   (the guidance scale, 1.4)
-    s = 0 is no guidance, run with one forward pass only. With decay_power = p the usual w follows
-    the power-cosine schedule
+    s = 0 is no guidance, run with one forward pass only; for s > 0 the conditional and null-class
+    halves go through the model as one batch. With decay_power = p the usual w follows the
+    power-cosine schedule
       w(n) = 1 + (w - 1) * (1 - cos(pi * (1 - n/1000)^p)) / 2,
     which is 1 (no guidance) at n = 1000 and rises to w as n -> 0; that is s(n) = w(n) - 1.
-    Otherwise the conditional and null-class halves go through the model as one batch.
     """
     if not 0 <= guidance < math.inf:
         raise ValueError(f"guidance s must be finite and >= 0 (release convention, 0 = none), "
@@ -191,11 +192,11 @@ def guided_eps_fn(model, y, guidance, null_class, decay_power=None):
 # (DPM-Solver++, which writes s for t')
 #     x_t = (sigma_t / sigma_t') x_t'
 #           + sigma_t * int_{lambda_t'}^{lambda_t} e^lambda x0(lambda) dlambda.
-# Expanding x0 around lambda_t' as D0 + D1 u + D2 u^2 / 2 with u = (lambda - lambda_t') / h, so
-# that D1 ~ h x0' and D2 ~ h^2 x0'', and integrating each power exactly gives exp_step below.
-# A solver of order k estimates D0..D_{k-1}: singlestep (the release's) from extra evaluations
-# inside [t', t]; UniPC (the default) from the previous steps' data predictions, with a corrector
-# that reuses the next step's evaluation.
+# Expanding x0 around lambda_t' as D0 + D1 u with u = (lambda - lambda_t') / h (D1 ~ h x0') and
+# integrating each power exactly gives exp_step below. Higher orders estimate the expansion from
+# more data predictions: singlestep (the release's) from extra evaluations inside [t', t], whose
+# third order still needs only D0 and D1 (see `singlestep`); UniPC (the default) from the previous
+# steps' data predictions, with a corrector that reuses the next step's evaluation (`uni_sum`).
 
 SPACINGS = ("time_uniform", "time_quadratic", "logSNR")
 METHODS = ("singlestep", "unipc")
@@ -265,22 +266,20 @@ class DataPrediction:
         return (x - float(self.schedule.sigma_t(t)) * eps) / float(self.schedule.alpha_t(t))
 
 
-def exp_step(schedule, x, t_prev, t, D0, D1=0.0, D2=0.0):
-    """The exponential integrator from t' = t_prev to t with x0 ~ D0 + D1 u + D2 u^2 / 2
-    (DPM-Solver++):
+def exp_step(schedule, x, t_prev, t, D0, D1=0.0):
+    """The exponential integrator from t' = t_prev to t with x0 ~ D0 + D1 u (DPM-Solver++):
 
-        x_t = (sigma_t / sigma_t') x_t' - alpha_t (phi1 D0 - phi2 D1 + phi3 D2),
-        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  phi3 = phi2 / h - 1/2,  h = lambda_t - lambda_t'.
+        x_t = (sigma_t / sigma_t') x_t' - alpha_t (phi1 D0 - phi2 D1),
+        phi1 = e^-h - 1,  phi2 = phi1 / h + 1,  h = lambda_t - lambda_t'.
 
-    With D1 = D2 = 0 it is DDIM.
+    With D1 = 0 it is DDIM.
     """
     h = float(schedule.lambda_t(t) - schedule.lambda_t(t_prev))
     phi1 = math.expm1(-h)
     phi2 = phi1 / h + 1.0
-    phi3 = phi2 / h - 0.5
     ratio = float(schedule.sigma_t(t) / schedule.sigma_t(t_prev))
     alpha_t = float(schedule.alpha_t(t))
-    return ratio * x - alpha_t * (phi1 * D0 - phi2 * D1 + phi3 * D2)
+    return ratio * x - alpha_t * (phi1 * D0 - phi2 * D1)
 
 
 # -- the release's sampler: DPM-Solver++, singlestep -------------------------------------------
@@ -337,9 +336,9 @@ def uni_coefficients(h, rs, bh):
     B = -h if bh == "bh1" else math.expm1(-h)
     if len(rs) == 1:
         return B, torch.tensor([0.5], dtype=torch.float64)
-    hphi, g = math.expm1(-h), []  # h phi_1(-h)
+    hphi, g = math.expm1(-h), []  # (-h) phi_1(-h)
     for j in range(1, len(rs) + 1):
-        hphi = hphi / -h - 1 / math.factorial(j)  # h phi_{j+1}(-h)
+        hphi = hphi / -h - 1 / math.factorial(j)  # (-h) phi_{j+1}(-h)
         g.append(math.factorial(j) * hphi / B)
     R = torch.tensor([[r ** (j - 1) for r in rs] for j in range(1, len(rs) + 1)],
                      dtype=torch.float64)  # R_jm = r_m^(j-1)
@@ -358,8 +357,9 @@ def uni_sum(lams, ms, bh, m_t=None):
     D_m = m_m - m_0: UniP, the predictor, uses these. UniC, the corrector, is given m_t, the data
     prediction at the predicted x_t, and adds r = 1, D = m_t - m_0. With p >= 2 differences the
     a_m solve
-        sum_m a_m r_m^(j-1) = j! h phi_{j+1}(-h) / B(h),   j = 1..p,
-    with h phi_1(-h) = e^-h - 1 and h phi_{j+1}(-h) = h phi_j(-h) / (-h) - 1/j!: the update is
+        sum_m a_m r_m^(j-1) = j! (-h) phi_{j+1}(-h) / B(h),   j = 1..p,
+    with (-h) phi_1(-h) = e^-h - 1 and (-h) phi_{j+1}(-h) = (-h) phi_j(-h) / (-h) - 1/j! (the
+    official code's hh phi_k(hh), hh = -h): the update is
     then the exact integral of the polynomial in lambda through the p + 1 data predictions,
     whatever B(h). With one difference
     a_1 = 1/2, and B(h) decides the step: B(h) = -h ('bh1') or e^-h - 1 ('bh2', which makes UniP-2

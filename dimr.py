@@ -3,7 +3,7 @@
 A cascade of R branches, low resolution to high. Branch 1 is a Transformer on a coarse token
 grid (16x16 for the paper's models); branches 2..R are ConvNeXt-style conv branches, each at twice
 the resolution and half the width of the one before. Every branch patchifies the *input* with
-kernel = stride = p_r (p_r = p_1 / 2^(r-1), so the last branch sees single pixels), is U-ViT
+kernel = stride = p_r (p_r = p_1 / 2^(r-1): with R > 1 the last branch sees single pixels), is U-ViT
 shaped (long skips from the first half of its blocks to the second), predicts the noise at its own
 resolution (multi-scale loss, Sec. 3.2), and hands *all* its feature maps to the next branch
 through the feature cascade (Sec. 3.1). Time enters only through TD-LN (Sec. 3.3, td_ln.py);
@@ -69,24 +69,24 @@ class DiMRConfig:
         return tuple(2 * (N // 2) + 1 for N in self.depths)
 
 
-def check_config(c):
+def check_config(config):
     """One ValueError naming every problem of a config (sizes first: the rest divides by them)."""
-    sizes = [f"{k} must be >= 1, got {v}" for k, v in vars(c).items()
+    sizes = [f"{k} must be >= 1, got {v}" for k, v in vars(config).items()
              if isinstance(v, int) and v < 1]
-    sizes += [f"{k} must all be >= 1, got {v}" for k, v in (("depths", c.depths),
-                                                             ("widths", c.widths)) if min(v) < 1]
-    if sizes or not 1 <= len(c.depths) == len(c.widths):
+    sizes += [f"{k} must all be >= 1, got {v}"
+              for k, v in (("depths", config.depths), ("widths", config.widths)) if min(v) < 1]
+    if sizes or not 1 <= len(config.depths) == len(config.widths):
         raise ValueError("bad DiMR config: " + "; ".join(sizes or [
-            f"depths {c.depths} and widths {c.widths} need one entry per branch"]))
-    R = len(c.depths)
-    problems = [f"norm must be one of {NORMS}, got {c.norm!r}"] * (c.norm not in NORMS)
-    problems += [f"mlp must be one of {MLPS}, got {c.mlp!r}"] * (c.mlp not in MLPS)
+            f"depths {config.depths} and widths {config.widths} need one entry per branch"]))
+    R = len(config.depths)
+    problems = [f"norm must be one of {NORMS}, got {config.norm!r}"] * (config.norm not in NORMS)
+    problems += [f"mlp must be one of {MLPS}, got {config.mlp!r}"] * (config.mlp not in MLPS)
     problems += [f"patch_size must be 2^(R-1) = {2 ** (R - 1)} for {R} branches, got "
-                 f"{c.patch_size}"] * (R > 1 and c.patch_size != 2 ** (R - 1))
-    problems += [f"input_size {c.input_size} is not a multiple of patch_size "
-                 f"{c.patch_size}"] * bool(c.input_size % c.patch_size)
-    problems += [f"width {c.widths[0]} is not divisible by num_heads "
-                 f"{c.num_heads}"] * bool(c.widths[0] % c.num_heads)
+                 f"{config.patch_size}"] * (R > 1 and config.patch_size != 2 ** (R - 1))
+    problems += [f"input_size {config.input_size} is not a multiple of patch_size "
+                 f"{config.patch_size}"] * bool(config.input_size % config.patch_size)
+    problems += [f"width {config.widths[0]} is not divisible by num_heads "
+                 f"{config.num_heads}"] * bool(config.widths[0] % config.num_heads)
     if problems:
         raise ValueError("bad DiMR config: " + "; ".join(problems))
 
@@ -215,16 +215,17 @@ def make_block(config, dim, transformer):
 # Feature cascade, output head, branch
 
 def pixel_shuffle(x, k):
-    """(B, h, w, k*k*D) -> (B, h*k, w*k, D): channel (i*k + j)*D + c goes to pixel
-    (h*k + i, w*k + j)."""
+    """(B, h, w, k*k*D) -> (B, h*k, w*k, D): channel (i*k + j)*D + c of cell (a, b) goes to
+    pixel (a*k + i, b*k + j)."""
     B, h, w, C = x.shape
     x = x.view(B, h, w, k, k, C // (k * k)).permute(0, 1, 3, 2, 4, 5)      # (B, h, i, w, j, D)
     return x.reshape(B, h * k, w * k, C // (k * k))
 
 
 class Cascade(nn.Module):
-    """Feature cascade (Sec. 3.1): every feature map of branch r -> TD-LN -> linear -> pixel
-    shuffle to branch r+1's resolution -> TD-LN; added to branch r+1's input embedding."""
+    """Feature cascade (Sec. 3.1): all M feature maps of branch r, concatenated on channels ->
+    one TD-LN over M D_r -> linear -> pixel shuffle to branch r+1's resolution -> TD-LN; added to
+    branch r+1's input embedding."""
 
     def __init__(self, config, in_dim, out_dim, ratio):
         super().__init__()
@@ -265,7 +266,7 @@ class Branch(nn.Module):
         self.is_transformer = r == 0
         self.grid = config.input_size // p
         self.patch_embed = nn.Conv2d(config.in_channels, D, p, stride=p)
-        self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2, D))       # row h*grid + w
+        self.pos_embed = nn.Parameter(torch.zeros(self.grid ** 2, D))       # row a*grid + b
         if r > 0:
             num_maps = config.blocks[r - 1] + 1   # the input of the first block and every block
             self.cascade = Cascade(config, num_maps * config.widths[r - 1], D, 2)
@@ -326,7 +327,8 @@ class DiMR(nn.Module):
 
     def reset_parameters(self):
         """U-ViT's initialisation: linears and embeddings ~ N(0, 0.02) truncated, zero biases;
-        norms start as identity (TD parameters constant in time); adaLN-Zero stays zero."""
+        the norms' gains start at 1 and biases at 0 (TD parameters constant in time); adaLN-Zero's
+        modulation and gates at 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -16,8 +16,8 @@ with sFID the same distance on the spatial features.
 
 Preprocessing decides whether the numbers match the suite's. Its graph resizes the images to
 299x299 with TensorFlow's legacy bilinear resize (align_corners=False, no half-pixel centres) and
-maps a pixel u to (u - 128) / 128. That is the default here, `tf`. pytorch-fid instead resizes with
-half-pixel centres and maps u to 2 u / 255 - 1; `pytorch-fid` gives its numbers, which differ
+maps a pixel value v to (v - 128) / 128. That is the default here, `tf`. pytorch-fid instead resizes
+with half-pixel centres and maps v to 2 v / 255 - 1; `pytorch-fid` gives its numbers, which differ
 (docs/evaluation.md).
 
 The Inception network and its weights are support/inception.py (pytorch-fid keeps them apart too:
@@ -69,8 +69,8 @@ def tf_resize_bilinear(x, size=INCEPTION_SIZE):
     resize inside the TF Inception graph. x: (N, C, H, W) float32 -> (N, C, size, size).
 
     Output pixel i samples the input of `length` pixels at u = i * (length / size), computed in
-    float32 as TF does, between pixels floor(u) and min(floor(u) + 1, length - 1); rows are
-    interpolated before columns.
+    float32 as TF does, between pixels floor(u) and min(floor(u) + 1, length - 1); each row is
+    interpolated along W first, then the rows along H, as TF does.
     Unlike torch's bilinear (half-pixel centres) the grid is anchored at the top-left pixel.
     """
     def taps(length):  # (size,) lower and upper source pixel, and the weight of the upper
@@ -90,9 +90,9 @@ def tf_resize_bilinear(x, size=INCEPTION_SIZE):
 def preprocess(images, preprocessing="tf"):
     """uint8 images (N, H, W, 3), a tensor -> the network's input (N, 3, 299, 299) float32.
 
-    'tf' (ADM's evaluator, the paper's numbers): TF's legacy bilinear resize of the pixels u,
-    then (u - 128) / 128, in [-1, 0.9921875]. 'pytorch-fid': torch's bilinear resize
-    (align_corners=False, i.e. half-pixel centres) of u / 255, then 2 x - 1, in [-1, 1].
+    'tf' (ADM's evaluator, the paper's numbers): TF's legacy bilinear resize of the pixel values
+    v, then (v - 128) / 128, in [-1, 0.9921875]. 'pytorch-fid': torch's bilinear resize
+    (align_corners=False, i.e. half-pixel centres) of v / 255, then 2 x - 1, in [-1, 1].
     """
     x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W), 0..255
     if preprocessing == "tf":
@@ -184,8 +184,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1 = np.atleast_2d(sigma1).astype(np.float64)
     sigma2 = np.atleast_2d(sigma2).astype(np.float64)
-    d = len(mu1)
-    if mu1.ndim != 1 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+    D = len(mu1)
+    if mu1.ndim != 1 or mu2.shape != (D,) or sigma1.shape != (D, D) or sigma2.shape != (D, D):
         raise ValueError(f"statistics do not match: mu1 {list(mu1.shape)}, "
                          f"sigma1 {list(sigma1.shape)}, mu2 {list(mu2.shape)}, "
                          f"sigma2 {list(sigma2.shape)}")
@@ -203,7 +203,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def within_rounding_of_zero(eigenvalues):
     """Eigenvalues of a PSD matrix with those within the eigensolver's rounding of zero (below
-    d * machine epsilon * the largest; negative ones among them) set to zero: a singular
+    D * machine epsilon * the largest; negative ones among them) set to zero: a singular
     covariance's null space then adds nothing to the trace of the root, where the square roots of
     rounding errors would add up to 1e-7 of it and more."""
     tol = len(eigenvalues) * np.finfo(np.float64).eps * max(np.abs(eigenvalues).max(), 1e-300)
@@ -227,20 +227,21 @@ def inception_score(logits, split_size=IS_SPLIT):
     return float(np.mean(scores))
 
 
-def pairwise_distances(u, v):
-    """Squared Euclidean distances (len(u), len(v)) computed as ADM's DistanceBlock does:
-    ||u||^2 - 2 u.v + ||v||^2, clamped at 0, in float16 (the features rounded to float16, every
-    elementwise result rounded to float16, the matmul and the sums accumulated in float32), and in
-    float32 instead when any float16 value of the block is not finite."""
+def pairwise_distances(rows, cols):
+    """Squared Euclidean distances (len(rows), len(cols)) of two sets of feature vectors as ADM's
+    DistanceBlock computes them: ||a||^2 - 2 a.b + ||b||^2, clamped at 0, in float16 (the features
+    rounded to float16, every elementwise result rounded to float16, the matmul and the sums
+    accumulated in float32), and in float32 instead when any float16 value of the block is not
+    finite."""
     def distances(dtype):
-        a, b = u.to(dtype), v.to(dtype)
+        a, b = rows.to(dtype), cols.to(dtype)
         norm_a = (a * a).float().sum(1).to(dtype)  # (rows,)
         norm_b = (b * b).float().sum(1).to(dtype)  # (cols,)
         dot = (a.float() @ b.float().T).to(dtype)  # (rows, cols)
         return torch.clamp(norm_a[:, None] - 2 * dot + norm_b[None], min=0)
 
-    d = distances(torch.float16)
-    return d.float() if torch.isfinite(d).all() else distances(torch.float32)
+    dist = distances(torch.float16)
+    return dist.float() if torch.isfinite(dist).all() else distances(torch.float32)
 
 
 def _blocks(x):
@@ -253,8 +254,8 @@ def manifold_radii(features, k=PR_NEIGHBOURS):
     ADM's ManifoldEstimator.manifold_radii; features (N, D) a float32 tensor, N > k."""
     radii = torch.empty(len(features), device=features.device)
     for i, rows in _blocks(features):
-        d = torch.cat([pairwise_distances(rows, cols) for _, cols in _blocks(features)], 1)
-        radii[i:i + len(rows)] = d.kthvalue(k + 1, dim=1).values
+        dist = torch.cat([pairwise_distances(rows, cols) for _, cols in _blocks(features)], 1)
+        radii[i:i + len(rows)] = dist.kthvalue(k + 1, dim=1).values
     return radii
 
 
@@ -277,9 +278,9 @@ def precision_recall(ref, samples, k=PR_NEIGHBOURS):
     sample_in = torch.zeros(len(samples), dtype=torch.bool, device=ref.device)
     for i, ref_block in _blocks(ref):
         for j, sample_block in _blocks(samples):
-            d = pairwise_distances(ref_block, sample_block)  # (n1, n2)
-            ref_in[i:i + len(d)] |= (d <= sample_radii[j:j + d.shape[1]]).any(1)
-            sample_in[j:j + d.shape[1]] |= (d <= ref_radii[i:i + len(d), None]).any(0)
+            dist = pairwise_distances(ref_block, sample_block)  # (ref rows, sample rows)
+            ref_in[i:i + len(dist)] |= (dist <= sample_radii[j:j + dist.shape[1]]).any(1)
+            sample_in[j:j + dist.shape[1]] |= (dist <= ref_radii[i:i + len(dist), None]).any(0)
     return sample_in.double().mean().item(), ref_in.double().mean().item()
 
 

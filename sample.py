@@ -1,12 +1,14 @@
 """Sampling from a trained DiMR: images, a labelled grid and the .npz that FID reads (paper Sec. 4).
 
 The paper's numbers are FID-50K of class-conditional samples, 50 per ImageNet class, drawn with the
-release's DPM-Solver (250 steps) and classifier-free guidance (diffusion.guided_eps_fn); DDPM's 1000
-ancestral steps are the baseline sampler. The samplers and the guidance live in diffusion.py; this
+release's DPM-Solver (250 steps), with classifier-free guidance s = 0.4 on latents (256 px) and
+none at 64 px (Table 2) (diffusion.guided_eps_fn, default_guidance); DDPM's 1000 ancestral steps
+are the baseline sampler. The samplers and the guidance live in diffusion.py; this
 file turns a checkpoint into images:
 
-- library (train.py uses it): `generate` (model-space samples, image i from the noise of seed i,
-  whatever the batch it lands in), `default_guidance` (the paper's protocol per model),
+- library (train.py uses it): `generate` (model-space samples, image i from the noise of seed
+  seeds[i], whatever the batch it lands in), `default_guidance` (the paper's protocol where it has
+  one, else ours),
   `decode_to_uint8` (VAE for latents; support/images.py has to_uint8 and save_grid);
 - command line: `python sample.py CKPT --num-images 50000 --out DIR`, or under
   `torchrun --nproc_per_node=8`. The images are cut into batches of --batch-size indices; each
@@ -47,7 +49,7 @@ DIGITS_GUIDANCE = 1.0  # the digits demo's (docs/demo.md)
 # FID-50K setting, 250 evaluations of its own sampler (docs/samplers.md).
 DEFAULT_STEPS = 25
 GRID_MAX = 64  # images in grid.png
-# --precision: the network's autocast dtype (None: plain fp32)
+# the network's autocast dtype (None: plain fp32); its flag keeps its first name, --precision
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --method: diffusion.METHODS (UniPC, the default, and DPM-Solver++ singlestep), 'release' (the
 # release's sampler, RELEASE_SAMPLER, whatever order and spacing say) and 'ddpm' (DDPM's 1000
@@ -221,7 +223,8 @@ def build_parser():
                    help=f"solver order (None: {DEFAULT_SAMPLER['order']}, {few} "
                         f"{FEW_STEPS_SAMPLER['order']})")
     p.add_argument("--spacing", "--skip", dest="spacing", choices=SPACINGS, default=None,
-                   help=f"spacing of the time steps (None: {DEFAULT_SAMPLER['spacing']})")
+                   help=f"spacing of the time steps, the release's skip_type "
+                        f"(None: {DEFAULT_SAMPLER['spacing']})")
     p.add_argument("--bh", choices=B_H, default=None,
                    help=f"UniPC's B(h) (None: {DEFAULT_SAMPLER['bh']}, {few} "
                         f"{FEW_STEPS_SAMPLER['bh']})")

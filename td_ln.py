@@ -3,11 +3,12 @@
 DiMR feeds the diffusion time into the network *only* through its normalisation layers: every
 gain and bias is a time-dependent parameter, an interpolation between two learned vectors,
 
-    paper (Eq. 5):  s = sigmoid(w t + b),   gamma(t) = s p1 + (1 - s) p2
+    paper (Eq. 5):  s = sigmoid(w t + b),   gamma = s p1 + (1 - s) p2
     release form:   gamma(t~) = p1 + sigmoid((1 + w) t~ + b) (p0 - p1)
 
-which is the same family (the release's p0/p1 are the paper's p1/p2, its w is offset by one).
-The paper's s, the interpolation weight, is `weight` here (s is the guidance elsewhere).
+which is the same family: the paper's time t is t~ here, the release's p0/p1 are the paper's
+p1/p2, and its w is offset by one. The paper's s, the interpolation weight, is `weight` here
+(s is the guidance elsewhere).
 We use the release form so that the authors' checkpoints load unchanged. Compared with
 adaLN-Zero (DiT), which spends a (D x 6D) matrix per block on the time embedding, a TD parameter
 costs 4 vectors of width D.
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NUM_TIMESTEPS = 1000  # T: the DDPM steps n = 1..T (diffusion.py's schedule has T betas)
+NUM_TIMESTEPS = 1000  # T: the DDPM steps n = 1..T, the scale of n (diffusion.py has T betas)
 RMS_EPS = 1e-8  # added to rms(x), not inside the square root (as in the release)
 LN_EPS = 1e-5
 

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=8 train.py --variant xl --data latents/in256.npy # DiMR-XL/2R
     python train.py --resume runs/000-DiMR-S-2R                   # continue where it stopped
 
-Read top to bottom: TrainConfig (every option, the release's recipe as defaults), one step
+Read top to bottom: TrainConfig (every option; the defaults are the release's recipe for XL/2R, and
+RECIPES gives each variant's, the digits demo's for DiMR-S/2R), one step
 (`train_step`: a step n ~ U{1..1000} and noise eps ~ N(0, I) per image, x_n = sqrt(alpha_bar_n) x_0
 + sqrt(1 - alpha_bar_n) eps, the label replaced by the null class with probability 0.1, the
 multi-scale loss sum_r alpha_r |eps_hat_r - eps_r|^2 over the R branches' predictions, AdamW, EMA),
@@ -29,23 +30,28 @@ import copy
 import dataclasses
 import math
 import signal
+import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.optim.optimizer import _get_scalar_dtype  # the dtype of AdamW's step count
 from torch.utils.data import DataLoader
 
 import diffusion
 import dimr
 import fid
 import sample
-from support import checkpoints, data as data_lib, depthwise, distributed, vae as vae_lib
-from support.cli import (THREADS_HELP, Parser, add_dataclass_flags, check_fields, flag, opt,
-                         parse_overrides)
+from support import checkpoints, data as data_lib, depthwise, distributed, plan as plan_lib
+from support import vae as vae_lib
+from support.cli import (THREADS_HELP, Parser, add_dataclass_flags, check_fields, flag, number,
+                         opt, parse_overrides)
 from support.images import save_grid, to_uint8
 from support.progress import format_seconds
 from support.run_folder import RunFolder, find_checkpoint
@@ -206,6 +212,21 @@ def param_groups(model, weight_decay):
             {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
 
 
+def create_adamw_state(optimizer):
+    """AdamW's state now, as its first step would create it (torch.optim.Adam._init_group: a
+    float32 step count, on the device where fused, and two zero moments like each parameter), so
+    that it takes its memory before the first step and a checkpoint's size is known from the
+    start (support/plan.py). Training is bit for bit the same (tests/test_plan.py)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            on_device = group["fused"] or group["capturable"]
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=_get_scalar_dtype(group["fused"]),
+                                    device=p.device if on_device else "cpu"),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 def learning_rate(step, lr, warmup):
     """Linear warm-up over `warmup` steps, then constant (step = optimizer steps already taken)."""
     return lr * min(1.0, (step + 1) / warmup) if warmup else lr
@@ -274,7 +295,8 @@ def train(cfg, ckpt=None, ckpt_path=None):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if outcome == "finished" and run.folder:
-        finish(run)
+        with run.writing():
+            finish(run)
 
 
 def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
@@ -292,15 +314,13 @@ def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
     if cfg.fid_every and step % cfg.fid_every == 0:
         fid_value = compute_fid(run.state.ema, cfg, run.inception, run.fid_ref, run.device, run.vae)
     if run.folder:
-        try:
+        with run.writing():
             log(run, step, lr, mean, step - tick_step, time.time() - tick_time, fid_value)
             if step % cfg.ckpt_every == 0 or preempted or finished:
                 run.last_ckpt = run.folder.save(run.checkpoint(), step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 path = run.folder.dir / "samples" / f"step_{step:07d}.png"
                 sample_grid(run, path)
-        except OSError as e:  # a full disk, a lost mount: say what is safe
-            raise checkpoints.WriteError(f"{e}; {run.last_good()}") from None
     if preempted:
         distributed.print0(f"stopped by signal at step {step}: wrote {run.last_ckpt}; continue "
                            f"with --resume {run.folder.dir if run.folder else ''}")
@@ -309,11 +329,13 @@ def maintenance(run, lr, sums, tick_step, tick_time, stop_signal):
 
 
 def log(run, step, lr, mean, steps, seconds, fid_value):
-    """Rank 0: the interval's means to stats.jsonl and a progress line; the FID, where computed."""
+    """Rank 0: the interval's means and its peak memory (rank 0's) to stats.jsonl and a progress
+    line; the FID, where computed."""
     cfg, elapsed = run.cfg, time.time() - run.start
     record = {"step": step, "loss": mean[0], "loss_branches": mean[1:-1], "lr": lr,
               "grad_norm": mean[-1], "images_per_s": cfg.batch_size * steps / seconds,
-              "s_per_step": seconds / steps, "time": elapsed}
+              "s_per_step": seconds / steps, "time": elapsed,
+              "peak_memory": plan_lib.peak_memory(run.device)}
     run.folder.append(record)
     eta = (cfg.steps - step) * record["s_per_step"]
     if cfg.minutes:
@@ -321,7 +343,7 @@ def log(run, step, lr, mean, steps, seconds, fid_value):
     print(f"step {step}/{cfg.steps}  loss {mean[0]:.4f} "
           f"({', '.join(f'{v:.4f}' for v in mean[1:-1])})  lr {lr:.2e}  |g| {mean[-1]:.3f}  "
           f"{record['images_per_s']:.1f} img/s  {record['s_per_step']:.3f} s/step  "
-          f"ETA {format_seconds(eta)}", flush=True)
+          f"peak {plan_lib.size(record['peak_memory'])}  ETA {format_seconds(eta)}", flush=True)
     if fid_value is not None:
         run.folder.append({"step": step, "fid": fid_value, "fid_images": cfg.fid_images})
         best = run.folder.new_fid(step, fid_value)
@@ -481,11 +503,23 @@ class Run:
     start_step: int = 0
 
     def checkpoint(self):
-        return {"config": dataclasses.asdict(self.model_config),
-                "train_config": dataclasses.asdict(self.cfg), **self.state.state_dict()}
+        return checkpoint_of(self.model_config, self.cfg, self.state)
 
     def last_good(self):
         return f"last good checkpoint: {self.last_ckpt or 'none written yet'}"
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A write that fails (a full disk, a lost mount) also says what is safe."""
+        try:
+            yield
+        except OSError as e:
+            raise checkpoints.WriteError(f"{e}; {self.last_good()}") from None
+
+
+def checkpoint_of(model_config, cfg, state):
+    return {"config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(cfg),
+            **state.state_dict()}
 
 
 def setup(cfg, ckpt, ckpt_path):
@@ -493,9 +527,7 @@ def setup(cfg, ckpt, ckpt_path):
     device = open_device(cfg.threads)
     autocast = resolve_autocast(cfg.autocast, device)
     fid_ref = fid.load_statistics(cfg.fid_ref) if cfg.fid_every else None  # a bad file: at once
-    variant = dimr.get_config(cfg.variant)
-    data = data_lib.open_data(cfg.data, cfg.image_size, cfg.num_classes, variant.input_size,
-                              variant.num_classes)
+    data = open_training_data(cfg)
     model_config = build_model_config(cfg, data)
     micro, accum = split_batch(cfg.batch_size, distributed.world_size(), cfg.micro_batch)
     state = new_state(model_config, cfg, device, autocast)
@@ -513,10 +545,47 @@ def setup(cfg, ckpt, ckpt_path):
         run.vae = vae_lib.load_vae(cfg.vae, device)
     if cfg.fid_every:
         run.inception, run.fid_ref = fid.load_inception(device=device), fid_ref
+    # the plan before the run folder: a run that cannot start leaves none behind
+    resume_dir = find_checkpoint(ckpt_path)[0] if ckpt else None
+    lines, error, warning = (plan(state, cfg, model_config, distributed.world_size(), resume_dir)
+                             if distributed.is_main() else (None,) * 3)
+    distributed.raise_from_main(error)
     if distributed.is_main():
         run.folder = open_folder(run, resume=ckpt_path if ckpt else None, micro=micro,
                                  accum=accum, autocast=autocast, guidance_why=why)
+        print_plan(lines, warning)
     return run
+
+
+def plan(state, cfg, model_config, world_size, run_dir=None):
+    """support/plan.py's lines, error and warning for this state on `world_size` processes, at
+    the run folder (None: a new one under --results-dir)."""
+    labels = grid_labels(model_config.num_classes)
+    side = model_config.input_size * (vae_lib.DOWNSAMPLE if vae_lib.is_latent(model_config) else 1)
+    grids = ((-(-cfg.steps // cfg.sample_every), plan_lib.grid_bytes(
+        labels, side, int(np.sum(labels == labels[0])))) if cfg.sample_every else (0, 0))
+    ckpt = {**checkpoint_of(model_config, cfg, state), "step": cfg.steps}  # the largest step
+    if ckpt["scaler"]:  # fp16: the largest count of the GradScaler, too
+        ckpt["scaler"] = {**ckpt["scaler"], "_growth_tracker": ckpt["scaler"]["growth_interval"]}
+    return plan_lib.describe(plan_lib.memory(state, world_size), plan_lib.saved_bytes(ckpt), cfg,
+                             grids, run_dir or cfg.results_dir,
+                             plan_lib.on_disk(run_dir) if run_dir else 0)
+
+
+def print_plan(lines, warning):
+    print("\n".join(lines), flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
+def open_training_data(cfg):
+    """--data for the variant: its size and classes where the data do not fix them; latents are
+    an error for the ImageNet 64 variants, which work on RGB pixels (the small DiMR-S/2R takes
+    whatever data it is given)."""
+    variant = dimr.get_config(cfg.variant)
+    return data_lib.open_data(cfg.data, cfg.image_size, cfg.num_classes, variant.input_size,
+                              variant.num_classes,
+                              pixel_model=cfg.variant if variant.in_channels == 3 else None)
 
 
 def open_device(threads):
@@ -567,10 +636,34 @@ def resolve_autocast(autocast, device):
 
 
 def build_model_config(cfg, data):
-    """The variant's config with the --arch overrides and the data's size, channels, classes."""
+    """The variant's config with the --arch overrides and the data's size, channels, classes
+    (data None: the variant's own)."""
+    shape = {} if data is None else dict(input_size=data.image_size, in_channels=data.channels,
+                                         num_classes=data.num_classes)
     return dimr.get_config(cfg.variant, **parse_overrides(cfg.arch, dimr.DiMRConfig, ARCH_KEYS),
-                           input_size=data.image_size, in_channels=data.channels,
-                           num_classes=data.num_classes)
+                           **shape)
+
+
+def plan_only(cfg, ckpt_path, processes):
+    """--plan: the plan of the run on `processes` processes, from the same state as FakeTensors
+    (shapes without memory), on this machine's device; no run folder, no step."""
+    device = open_device(cfg.threads)
+    autocast = resolve_autocast(cfg.autocast, device)
+    data = open_training_data(cfg) if cfg.data else None
+    model_config = build_model_config(cfg, data)
+    micro, accum = split_batch(cfg.batch_size, processes, cfg.micro_batch)
+    with warnings.catch_warnings():  # deepcopy asks FakeTensors for a data pointer (None)
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
+        state = new_state(model_config, cfg, device, autocast, fake=True)
+    lines, error, warning = plan(state, cfg, model_config, processes,
+                                 find_checkpoint(ckpt_path)[0] if ckpt_path else None)
+    params = sum(p.numel() for p in state.model.parameters())
+    print(f"{cfg.variant} {model_config}, {params:,} parameters; batch {cfg.batch_size} = "
+          f"{processes} process(es) x {micro} x {accum} accumulation step(s); {cfg.steps} steps, "
+          f"{autocast} on {device}", flush=True)
+    if error:
+        raise ValueError(error)
+    print_plan(lines, warning)
 
 
 def split_batch(batch_size, world_size, micro_batch=None):
@@ -586,16 +679,23 @@ def split_batch(batch_size, world_size, micro_batch=None):
     return micro, per_process // micro
 
 
-def new_state(model_config, cfg, device, autocast):
+def new_state(model_config, cfg, device, autocast, fake=False):
     """A fresh model (the same initial weights on every process), its EMA, AdamW (fused on
-    CUDA), the fp16 gradient scaler and the data generator."""
+    CUDA) with its state, the fp16 gradient scaler and the data generator. fake (--plan): the
+    same tensors as FakeTensors, without memory or values (the model is built on the meta device,
+    as its initialisation reads values; operations on FakeTensors give FakeTensors)."""
     torch.manual_seed(cfg.seed)
-    model = depthwise.channels_last_kernels(dimr.DiMR(model_config).to(device))
+    with torch.device("meta") if fake else contextlib.nullcontext():
+        model = dimr.DiMR(model_config)
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        model = depthwise.channels_last_kernels(model.to_empty(device=device) if fake else
+                                                model.to(device))
     if cfg.cpu_conv_kernel and device.type == "cpu":
         depthwise.use_fast_depthwise_backward(model)
-    return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(),
-                      torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                        betas=cfg.betas, fused=device.type == "cuda"),
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=cfg.betas, fused=device.type == "cuda")
+    create_adamw_state(optimizer)
+    return TrainState(model, copy.deepcopy(model).requires_grad_(False).eval(), optimizer,
                       torch.amp.GradScaler(device.type, enabled=autocast == "fp16"),
                       torch.Generator(device).manual_seed(cfg.seed))
 
@@ -645,6 +745,10 @@ def build_parser():
         formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30, width=100))
     p.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
                    help="continue a run from its last checkpoint (or the given one)")
+    p.add_argument("--plan", metavar="PROCESSES", type=number(int, 1),
+                   help="print what the run needs on this many processes (memory, checkpoint "
+                        "size, disk) and exit, without training or the model's memory; --data "
+                        "is optional (default: the variant's input)")
     add_dataclass_flags(p, TrainConfig, shown=DEMO,
                         variant=dict(choices=dimr.VARIANT_CHOICES, metavar="NAME"))
     return p
@@ -652,9 +756,10 @@ def build_parser():
 
 def parse_config(argv=None):
     """TrainConfig from the command line: the variant's recipe, or with --resume the run's stored
-    config, updated by the flags given. Returns (config, checkpoint or None, its path or None)."""
+    config, updated by the flags given. Returns (config, checkpoint or None, its path or None,
+    --plan's processes or None)."""
     given = vars(build_parser().parse_args(argv))
-    resume = given.pop("resume", None)
+    resume, processes = given.pop("resume", None), given.pop("plan", None)
     if "variant" in given:
         given["variant"] = dimr.ALIASES.get(given["variant"], given["variant"])
     if given.get("data") not in (None, "digits"):  # a run resumed elsewhere still finds its data
@@ -677,12 +782,12 @@ def parse_config(argv=None):
                              "keeps the options it was started with")
     else:
         base = RECIPES[given.get("variant", DEMO.variant)]
-        if base is not DEMO and "data" not in given:
+        if base is not DEMO and "data" not in given and not processes:
             raise ValueError(f"{base.variant} trains on {PAPER_DATA[base.variant]}: give --data "
                              "(or --data digits for the demo data)")
     cfg = replace(base, **given)
     check_config(cfg)
-    return cfg, ckpt, ckpt_path
+    return cfg, ckpt, ckpt_path, processes
 
 
 def check_config(c):
@@ -693,7 +798,13 @@ def check_config(c):
 
 
 def main(argv=None):
-    distributed.run_main(lambda: train(*parse_config(argv)))
+    def work():
+        cfg, ckpt, ckpt_path, processes = parse_config(argv)
+        if processes:
+            plan_only(cfg, ckpt_path, processes)
+        else:
+            train(cfg, ckpt, ckpt_path)
+    distributed.run_main(work)
 
 
 if __name__ == "__main__":

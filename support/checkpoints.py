@@ -29,9 +29,14 @@ class WriteError(OSError):
 
 
 def plain_cause(error):
-    """'no space left on device' for ENOSPC and the like; else the first line of the message."""
-    if isinstance(error, OSError) and error.errno:
-        return os.strerror(error.errno).lower()
+    """'no space left on device' for ENOSPC and the like, also where torch's zip writer raised its
+    own RuntimeError ("unexpected pos ...") while the OSError of a write was unwinding (the
+    OSError is then its context); else the first line of the message."""
+    cause = error
+    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return os.strerror(cause.errno).lower()
     return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
@@ -64,8 +69,9 @@ def write_text(path, text):
 
 
 def save(obj, path):
-    """torch.save, atomically. Through a Python file, so that a full disk is an OSError (ENOSPC)
-    rather than torch's "unexpected pos" RuntimeError."""
+    """torch.save, atomically. Through a Python file, so that a full disk raises an OSError
+    (ENOSPC) from its write: torch's zip writer may replace it by a RuntimeError ("unexpected
+    pos"), but one that keeps it as its context, where plain_cause finds it."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
 

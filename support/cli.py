@@ -1,11 +1,13 @@
 """Command-line plumbing shared by the entry points, so that they can read like the method.
 
-- `Parser`: argparse whose errors are one line, `error: argument --steps: must be >= 1, got 0`,
+- `Parser`: argparse whose errors are one line,
+  `error: argument --steps: must be an integer >= 1, got 0`,
   with exit status 1, like every other bad input (distributed.run_main).
 - `number`: an argparse `type` that accepts finite numbers in a range, so that a flag is checked
   as it is parsed, before any work starts.
 - `add_dataclass_flags` / `check_fields`: flags made from the fields of a dataclass (train.py's
-  TrainConfig), each field with its default, one line of help and, where it has one, its range.
+  TrainConfig), each field with its default, one line of help and, where it has them, its
+  constraints (a range, the allowed values, a field it must be a multiple of) and its flag.
 - `add_threads_flag`: --threads, the same in every entry point.
 - `parse_overrides`: `--arch KEY=VALUE` items as typed overrides of a DiMRConfig.
 """
@@ -76,8 +78,8 @@ def flag(name, cls=None):
 
 
 def check_fields(obj):
-    """Every field of a dataclass made with `opt` within its constraints (tuples: each entry):
-    one ValueError naming every problem."""
+    """Every field of a dataclass made with `opt` within its constraints (a range applies to
+    each entry of a tuple): one ValueError naming every problem."""
     problems, cls = [], type(obj)
     for f in dataclasses.fields(obj):
         low, high = f.metadata.get("low"), f.metadata.get("high")

@@ -77,17 +77,27 @@ class TrainingData:
     evaluate: Callable = None
 
 
-def open_data(spec, image_size=None, num_classes=None, variant_size=None, variant_classes=None):
+def open_data(spec, image_size=None, num_classes=None, variant_size=None, variant_classes=None,
+              pixel_model=None):
     """'digits', ImageNet 64, a class-per-folder image directory, or latents (see above).
 
     image_size: digits 8 (default), 16 or 32; an image folder's crop size (default variant_size);
     ImageNet 64 and latents come at their stored size. num_classes: latents only (default
     variant_classes), as their labels alone do not tell; the other sources know theirs.
+    pixel_model: the name of a model that works on pixels, to which latents are an error (a float
+    .npy is read as latents, and would otherwise train as such).
     """
     path = Path(spec)
     if spec != "digits" and not path.exists():
         raise FileNotFoundError(f"--data {spec}: no such file or directory (or give 'digits')")
     kind = "digits" if spec == "digits" else data_kind(path)
+    if kind == "latents" and pixel_model:
+        found = np.load(path, mmap_mode="r") if path.suffix == ".npy" else None
+        what = f"{found.dtype} {list(found.shape)}" if found is not None else "latents"
+        raise ValueError(f"--data {path} holds {what}, read as VAE latents, but {pixel_model} "
+                         f"works on pixels: give uint8 pixels [N, 3, {variant_size}, "
+                         f"{variant_size}] (tools/imagenet64.py writes ImageNet 64 so) or an "
+                         "image folder")
     if kind == "latents":
         if image_size is not None:
             raise ValueError(f"--image-size does not apply to latents ({path}): "

@@ -121,6 +121,14 @@ def broadcast_from_main(value):
     return box[0]
 
 
+def raise_from_main(message):
+    """Rank 0's error message (None: none) ends every process: rank 0 raises it as a ValueError
+    (run_main prints it, one line), the others exit as when a peer has failed, quietly."""
+    message = broadcast_from_main(message)
+    if message:
+        raise ValueError(message) if is_main() else dist.DistError(message)
+
+
 def stop_children():
     """Kill this process's worker processes before an error ends it: DataLoader workers ignore
     SIGTERM (train.py leaves preemption to the trainer), so the interpreter's exit, which

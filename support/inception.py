@@ -215,7 +215,7 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(FEATURE_DIM, LOGITS_DIM, bias=False) if logits else None
 
     def forward(self, x):
-        """Preprocessed images (N, 3, 299, 299) (see preprocess) -> Activations of tensors:
+        """Preprocessed images (N, 3, 299, 299) (see fid.preprocess) -> Activations of tensors:
         pool (N, 2048) pool_3; spatial (N, 2023) mixed_6/conv[..., :7] flattened in TF's
         (H, W, C) order, as ADM's reference batches store mu_s and sigma_s; logits (N, 1008)
         or None without the softmax layer."""

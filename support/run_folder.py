@@ -3,7 +3,9 @@
     runs/000-DiMR-S-2R/
       config.json                   the TrainConfig, model config, data, processes x micro-batch
       stats.jsonl                   per log interval: step, loss, loss_branches, lr, grad_norm,
-                                    images_per_s, s_per_step, time; per FID: step, fid, fid_images
+                                    images_per_s, s_per_step, time, peak_memory (rank 0's bytes:
+                                    CUDA's max allocated, else the peak resident size); per FID:
+                                    step, fid, fid_images
       samples/step_NNNNNNN.png      EMA samples, fixed seeds and classes
       checkpoints/ckpt_NNNNNNN.pt   the last --keep, and the best FID
 

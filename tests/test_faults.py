@@ -2,10 +2,12 @@
 in the data (with and without DataLoader workers, on one and two processes), an empty class
 folder, a full disk, files of the wrong format, non-finite latents, images of another size, and the
 messages that say what happened. Each ends in one line, within seconds, and loses nothing."""
+import builtins
 import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ import fid
 import sample
 import train
 from support import checkpoints, data
-from support.run_folder import RunFolder
+from support.run_folder import RunFolder, read_stats
 from tools import check_images
 from util import free_port
 
@@ -191,6 +193,145 @@ def test_a_full_disk_during_training_names_the_last_good_checkpoint(tmp_path):
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def test_a_checkpoint_larger_than_the_free_space_says_so_in_plain_words(tmp_path):
+    """3.2 MB onto a 2 MB tmpfs: torch's zip writer replaces the write's OSError (ENOSPC) by its
+    own RuntimeError ("unexpected pos ..."), which keeps the OSError as its context; the message
+    is the OSError's, the directory left empty. (Injected: test_a_full_disk_injected_...)"""
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "2m")
+    try:
+        with pytest.raises(checkpoints.WriteError) as e:
+            checkpoints.save({"x": torch.zeros(800_000)}, disk / "ckpt.pt")
+        assert str(e.value) == f"cannot write {disk / 'ckpt.pt'}: no space left on device"
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def fill(disk, leave=0):
+    """Take the free space of the tmpfs `disk` but `leave` bytes, as another writer would."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while shutil.disk_usage(disk).free > leave:
+            os.write(fd, bytes(min(1 << 16, shutil.disk_usage(disk).free - leave)))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+FULL_DISK_ARGS = ["--steps", "10", "--log-every", "5", "--ckpt-every", "5"]
+
+
+def full_disk_error(argv):
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, *QUIET, *argv])
+    return str(e.value.code)
+
+
+def after(monkeypatch, cls, name, action):
+    """Run `action(self)` after each call of cls.name."""
+    method = getattr(cls, name)
+
+    def wrapped(self, *args, **kwargs):
+        result = method(self, *args, **kwargs)
+        action(self)
+        return result
+    monkeypatch.setattr(cls, name, wrapped)
+
+
+@pytest.mark.parametrize("site", ["first checkpoint", "stats.jsonl", "grid"])
+def test_a_disk_that_fills_during_training_says_so_wherever_it_strikes(tmp_path, monkeypatch,
+                                                                      site):
+    """A 2 MB tmpfs that another writer fills during the run: after the first stats line but for
+    300 kB (the checkpoint needs 1.08 MB); after the first checkpoint, then stats.jsonl at its
+    next block (padded there with empty lines, which readers skip); after the first checkpoint,
+    then the grid. Each: one line naming the file, "no space left on device" and the last good
+    checkpoint; what was written before is intact, no temporary file is left."""
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "2m")
+    run = disk / "000-DiMR-S-2R"
+    ckpt_5 = run / "checkpoints" / "ckpt_0000005.pt"
+    try:
+        if site == "first checkpoint":
+            after(monkeypatch, RunFolder, "append", lambda folder: fill(disk, leave=300_000))
+            expected = (f"{run / 'checkpoints' / 'ckpt_0000005.pt'}: no space left on device; "
+                        "last good checkpoint: none written yet")
+        elif site == "stats.jsonl":
+            def fill_to_the_block(folder):
+                fill(disk)
+                with open(folder.stats_path, "ab") as f:
+                    f.write(b"\n" * (-f.tell() % os.statvfs(disk).f_bsize))
+            after(monkeypatch, RunFolder, "save", fill_to_the_block)
+            expected = (f"{run / 'stats.jsonl'}: no space left on device; last good checkpoint: "
+                        f"{ckpt_5}")
+        else:
+            after(monkeypatch, RunFolder, "save", lambda folder: fill(disk))
+            expected = (f"{run / 'samples' / 'step_0000005.png'}: no space left on device; last "
+                        f"good checkpoint: {ckpt_5}")
+        argv = [*FULL_DISK_ARGS, "--results-dir", str(disk)]
+        if site == "grid":
+            argv += ["--sample-every", "5", "--sample-steps", "3"]
+        assert full_disk_error(argv) == f"error: cannot write {expected}"
+        assert [s["step"] for s in read_stats(run)] == [5]
+        written = sorted(p.name for p in run.rglob("*") if p.is_file())
+        assert written == (["config.json", "stats.jsonl"] if site == "first checkpoint" else
+                           ["ckpt_0000005.pt", "config.json", "stats.jsonl"])
+        if site != "first checkpoint":
+            assert checkpoints.load(ckpt_5)["step"] == 5
+    finally:
+        monkeypatch.undo()
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("site", ["first checkpoint", "later checkpoint", "stats.jsonl", "grid"])
+def test_a_full_disk_injected_at_each_write_says_so(tmp_path, monkeypatch, site):
+    """The same four cases with ENOSPC injected, from the first stats line or the first checkpoint
+    on, where the operating system would raise it (torch's zip writer, as on a full disk, raises
+    its RuntimeError with the OSError as context)."""
+    run = tmp_path / "000-DiMR-S-2R"
+    ckpt = {step: run / "checkpoints" / f"ckpt_{step:07d}.pt" for step in (5, 10)}
+    real_open = open
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def zip_writer_on_a_full_disk(obj, f):
+        try:
+            enospc()
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 "
+                               "vs 598")
+
+    class FullDisk(io.FileIO):
+        write = enospc
+
+    full = {"first checkpoint": (torch, "save", zip_writer_on_a_full_disk),
+            "later checkpoint": (torch, "save", zip_writer_on_a_full_disk),
+            "stats.jsonl": (builtins, "open", lambda path, mode="r", *a, **k: FullDisk(path, "a")
+                            if mode == "ab" else real_open(path, mode, *a, **k)),
+            "grid": (Image.Image, "save", enospc)}[site]
+    after(monkeypatch, RunFolder, "append" if site == "first checkpoint" else "save",
+          lambda folder: monkeypatch.setattr(*full))
+    argv = [*FULL_DISK_ARGS, "--results-dir", str(tmp_path)]
+    if site == "grid":
+        argv += ["--sample-every", "5", "--sample-steps", "3"]
+    expected = {"first checkpoint": f"{ckpt[5]}: no space left on device; last good checkpoint: "
+                                    "none written yet",
+                "later checkpoint": f"{ckpt[10]}: no space left on device; last good checkpoint: "
+                                    f"{ckpt[5]}",
+                "stats.jsonl": f"{run / 'stats.jsonl'}: no space left on device; last good "
+                               f"checkpoint: {ckpt[5]}",
+                "grid": f"{run / 'samples' / 'step_0000005.png'}: no space left on device; last "
+                        f"good checkpoint: {ckpt[5]}"}[site]
+    assert full_disk_error(argv) == f"error: cannot write {expected}"
+    monkeypatch.undo()
+    assert [s["step"] for s in read_stats(run)] == ([5, 10] if site == "later checkpoint" else
+                                                     [5])
+    assert sorted(p.name for p in (run / "checkpoints").glob("*")) \
+        == ([] if site == "first checkpoint" else ["ckpt_0000005.pt"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Files of the wrong format, named against the format that was expected
 
@@ -204,6 +345,25 @@ def test_npz_files_with_other_keys_name_both_formats(tmp_path):
             f"{tmp_path / 'npz' / 'train_1.npz'}: keys ['images'], expected those of "
             "downsampled ImageNet: data uint8 [N, 3*S*S] (R, G, B planes) and labels 1..1000, or "
             "latents: latents float [N, C, h, h] and labels int [N]")
+
+
+def test_a_pixel_model_refuses_float_arrays_that_would_train_as_latents(tmp_path):
+    """DiMR-M/3R given float32 [N, 3, 64, 64]: one line with what the file holds and what the
+    model trains on; the same array as uint8 opens as ImageNet 64 pixels."""
+    images = np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32)
+    for name, array in (("float.npy", images), ("uint8.npy", (images * 255).astype(np.uint8))):
+        np.save(tmp_path / name, array)
+        np.save(data.labels_npy_path(tmp_path / name), np.arange(4))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--variant", "m", "--data", str(tmp_path / "float.npy"),
+                    "--results-dir", str(tmp_path / "runs")])
+    assert str(e.value.code) == (
+        f"error: --data {tmp_path / 'float.npy'} holds float32 {list(images.shape)}, read as VAE "
+        "latents, but DiMR-M/3R works on pixels: give uint8 pixels [N, 3, 64, 64] "
+        "(tools/imagenet64.py writes ImageNet 64 so) or an image folder")
+    assert not (tmp_path / "runs").exists()
+    pixels = data.open_data(str(tmp_path / "uint8.npy"), pixel_model="DiMR-M/3R")
+    assert (len(pixels.dataset), pixels.channels, pixels.image_size) == (4, 3, 64)
 
 
 def test_non_finite_latents_are_an_error_naming_the_rows(tmp_path):
@@ -259,6 +419,8 @@ def test_a_resumed_run_says_how_many_steps_it_trained(tmp_path, capsys):
     capsys.readouterr()
     train.main(["--resume", str(tmp_path / "000-DiMR-S-2R"), "--steps", "25", "--threads", "1"])
     assert "trained 15 steps (step 10 -> 25) in " in capsys.readouterr().out
+    train.main(["--resume", str(tmp_path / "000-DiMR-S-2R"), "--steps", "26", "--threads", "1"])
+    assert "trained 1 step (step 25 -> 26) in " in capsys.readouterr().out
 
 
 def test_the_grid_spans_the_classes(tmp_path):

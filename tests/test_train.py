@@ -76,6 +76,25 @@ def test_weight_decay_groups_are_the_releases(norm):
         assert "branches.0.blocks.0.norm1.gamma.p0" in {names[id(p)] for p in decay["params"]}
 
 
+def test_the_optimizer_that_training_builds_exempts_exactly_the_td_slopes_and_offsets(tmp_path):
+    """The AdamW of train.setup, the run's own (not param_groups alone): its groups hold each
+    parameter once, the names ending in gamma/beta .w/.b (the release's nodecay_weight and
+    nodecay_bias) at weight decay 0 and every other at --weight-decay."""
+    cfg = train.parse_config([*TINY, *QUIET, "--results-dir", str(tmp_path), "--weight-decay",
+                              "0.05"])[0]
+    state = train.setup(cfg, None, None).state
+    model, optimizer = state.model, state.optimizer
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {n for n in names.values() if re.search(r"\.(gamma|beta)\.(w|b)$", n)}
+    groups = [(g["weight_decay"], [names[id(p)] for p in g["params"]])
+              for g in optimizer.param_groups]
+    assert sorted(n for _, group in groups for n in group) == sorted(names.values())
+    assert {decay: set(group) for decay, group in groups} \
+        == {0.05: set(names.values()) - exempt, 0.0: exempt}
+    assert len(exempt) == 2 * sum(isinstance(m, TimeDependentParameter)
+                                  for m in model.modules()) > 0
+
+
 def test_split_batch():
     assert train.split_batch(1024, 8) == (128, 1)
     assert train.split_batch(1024, 8, 32) == (32, 4)
@@ -450,24 +469,58 @@ def test_clear_errors(tmp_path):
     assert error_of(["--steps", "0"]) == "error: --steps must be an integer >= 1, got 0"
 
 
-def test_threads_are_torchs_default_or_the_flag_and_a_resume_says_when_they_change(tmp_path,
-                                                                                   capsys):
-    """Threads: --threads, else torch's default (OMP_NUM_THREADS or the cores), never the load of
-    the moment. The checkpoint records the count; resuming with another says so in one line."""
+# A fresh interpreter in which the machine looks overloaded: os.getloadavg and /proc/loadavg say
+# 64 runnable tasks, /proc/stat that no core has been idle since its last reading. Then train.py.
+LOADED_MACHINE = """
+import builtins, io, os, runpy, sys
+os.getloadavg = lambda: (64.0, 64.0, 64.0)
+real_open, busy = builtins.open, [0]
+def loaded_open(file, mode="r", *args, **kwargs):
+    if str(file) not in ("/proc/loadavg", "/proc/stat"):
+        return real_open(file, mode, *args, **kwargs)
+    busy[0] += 1000
+    text = ("64.00 64.00 64.00 65/999 4242\\n" if str(file) == "/proc/loadavg" else "".join(
+        f"cpu{c} {busy[0]} 0 0 1000 0 0 0 0 0 0\\n" for c in ["", *range(os.cpu_count())]))
+    return io.BytesIO(text.encode()) if "b" in mode else io.StringIO(text)
+builtins.open = loaded_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_threads_are_torchs_default_whatever_the_load(tmp_path):
+    """Without --threads and OMP_NUM_THREADS: torch's default (the cores) in a fresh process (an
+    earlier test may have set this one's), measured here in another fresh process; the same on a
+    machine that looks overloaded, so a rule that backs off under load fails."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    default = int(subprocess.run([sys.executable, "-c",
+                                  "import torch; print(torch.get_num_threads())"],
+                                 env=env, capture_output=True, text=True, check=True).stdout)
+    if default == 1:
+        pytest.skip("one core: a rule that backs off under load would also choose 1")
+    proc = subprocess.run([sys.executable, "-c", LOADED_MACHINE, str(TRAIN_PY), *TINY,
+                           "--sample-every", "0", "--eval-images", "0", "--steps", "1",
+                           "--results-dir", str(tmp_path)], cwd=TRAIN_PY.parent, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = next(tmp_path.iterdir())
+    assert last_checkpoint(run_dir)["threads"] == default
+    assert json.loads((run_dir / "config.json").read_text())["threads"] == default
+    assert f"{default} CPU thread(s)" in proc.stdout
+
+
+def test_a_resume_with_other_threads_says_so(tmp_path, capsys):
+    """The checkpoint records the thread count; resuming with another says so in one line."""
     threads = torch.get_num_threads()
     try:
-        train.main([*TINY, "--sample-every", "0", "--eval-images", "0", "--log-every", "1",
-                    "--results-dir", str(tmp_path / "runs"), "--steps", "2"])
-        assert torch.get_num_threads() == threads  # the default: left as torch set it
-        run_dir = next((tmp_path / "runs").iterdir())
-        assert last_checkpoint(run_dir)["threads"] == threads
+        run_dir = run(tmp_path, "--steps", "2", "--threads", "1")
+        assert last_checkpoint(run_dir)["threads"] == 1
         capsys.readouterr()
-        train.main(["--resume", str(run_dir), "--steps", "3", "--threads", str(threads + 1)])
-        out = capsys.readouterr().out
-        assert f"note: the run used {threads} CPU threads per process and continues with " \
-               f"{threads + 1}: float sums split differently" in out
-        assert last_checkpoint(run_dir)["threads"] == threads + 1
-        train.main(["--resume", str(run_dir), "--steps", "4", "--threads", str(threads + 1)])
+        train.main(["--resume", str(run_dir), "--steps", "3", "--threads", "2"])
+        assert "note: the run used 1 CPU threads per process and continues with 2: float sums " \
+               "split differently" in capsys.readouterr().out
+        assert last_checkpoint(run_dir)["threads"] == 2
+        train.main(["--resume", str(run_dir), "--steps", "4", "--threads", "2"])
         assert "note: the run used" not in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
