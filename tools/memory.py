@@ -11,8 +11,8 @@ in bytes, as a function of the micro-batch b (images per process per forward pas
 off, and for world size > 1 DDP's gradient buckets.
 
 How. One real step, `train.train_step` itself, runs on the CPU with the model, EMA and AdamW built
-as train.new_state builds them (AdamW fused, as on CUDA, and after a first step, so that its state
-exists), under bf16 autocast, inside `LiveBytes`: a TorchDispatchMode that sees every tensor an
+as train.new_state builds them (AdamW fused, as on CUDA, with its state created before the step),
+under bf16 autocast, inside `LiveBytes`: a TorchDispatchMode that sees every tensor an
 aten op returns and counts its storage once, from its creation until its weakref finalizer runs,
 rounded up to the 512-byte blocks of CUDA's caching allocator. What exists before the step, the
 parameters, the EMA's copy and AdamW's exp_avg, exp_avg_sq and step, is the static part; the
@@ -184,8 +184,8 @@ class Step:
 
 
 def new_state(model_config, recipe, fake):
-    """train.new_state's model, EMA and AdamW, with AdamW fused as on CUDA, after one optimizer
-    step (of zero gradients), so that AdamW's state exists as during training. fake: every tensor
+    """train.new_state's model, EMA and AdamW with its state (train.create_adamw_state), AdamW
+    fused as on CUDA. fake: every tensor
     a FakeTensor (the model is built on the meta device, then given fake CPU parameters)."""
     torch.manual_seed(recipe.seed)
     with torch.device("meta") if fake else contextlib.nullcontext():
@@ -197,10 +197,7 @@ def new_state(model_config, recipe, fake):
     model = depthwise.channels_last_kernels(model)
     optimizer = torch.optim.AdamW(train.param_groups(model, recipe.weight_decay), lr=recipe.lr,
                                   betas=recipe.betas, fused=True)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train.create_adamw_state(optimizer)
     return types.SimpleNamespace(  # what train.train_step reads of a train.TrainState
         model=model, ema=copy.deepcopy(model).requires_grad_(False).eval(), optimizer=optimizer,
         scaler=torch.amp.GradScaler("cpu", enabled=False), step=0)
