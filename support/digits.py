@@ -118,10 +118,26 @@ def class_confidence(images, labels, classifier=None):
     return p[np.arange(len(digits)), np.searchsorted(classifier.classes_, labels)]
 
 
+def real_digits_confidence(folds=5):
+    """class_confidence's control: (1797,) the probability each real digit gets for its own class
+    from a classifier that did not see it (trained on the other folds, folds in data order), the
+    digit scored as uint8 exactly as a sample is. Returns it and each digit's fold (1797,)."""
+    images, labels = load_real_digits()
+    scored = real_digits_uint8()[0]
+    fold = np.arange(len(labels)) * folds // len(labels)
+    confidence = np.zeros(len(labels))
+    for k in range(folds):
+        held = fold == k
+        classifier = train_digit_classifier(images[~held], labels[~held], probability=True)
+        confidence[held] = class_confidence(scored[held], labels[held], classifier)
+    return confidence, fold
+
+
 def evaluate(images, labels, run_dir, step, settings):
-    """The end of a digits run (train.py): the EMA samples images (N, 8, 8, 3) uint8 of the classes
-    labels (N,), drawn with settings {sampler_steps, guidance}: their grid
-    (samples/final_NNNNNNN.png) and class accuracy (eval.json). Returns the line to print."""
+    """The end of a digits run (train.py): the EMA samples `images` uint8 (N, S, S, 3), S in
+    DIGITS_SIZES, of the classes `labels` (N,), drawn with settings {sampler_steps, guidance}:
+    their grid (samples/final_NNNNNNN.png) and class accuracy (eval.json). Returns the line to
+    print."""
     path = Path(run_dir) / "samples" / f"final_{step:07d}.png"
     save_grid(images, labels, path, ncol=max(1, len(labels) // DIGITS_CLASSES))
     result = digit_class_accuracy(images, labels)

@@ -31,7 +31,11 @@ without guidance (as the paper's ImageNet 64 numbers), with the default sampler 
 Each run folder keeps its samples (samples.npz) and result.json: the numbers, the training command,
 the commit, and the wall time of its training and of its evaluation. Runs and their results are
 kept in --out; a rerun skips what is done and resumes a run cut short. table5.json (and --json)
-gathers every result with this command's own record (support/provenance.py).
+gathers every result with this command's own record (support/provenance.py), and what the page
+reports of them: each row's mean and spread, every comparison of COMPARISONS judged by one RULE
+(Welch's t-test over the seeds), the real digits' own low-confidence share (the control, once into
+--out/real_digits.json) and the cost: the per-run wall times, and the records of the invocations
+that trained the runs (each keeps its own in --out/calls/), from the first start to the last finish.
 """
 import json
 import re
@@ -63,6 +67,29 @@ ROWS = [
 SAMPLER_STEPS = sample.DEFAULT_STEPS
 LOW_CONFIDENCE = 0.5  # a sample whose conditioned class gets a lower probability is a pick
 PICKS = 16            # the lowest-confidence samples kept per run, for the figure
+# The paper's distortion study (its Fig. 1): the share of a classifier's low-fidelity picks that
+# people judged distorted, and the row here that stands for each model.
+PAPER_DISTORTION = [("U-ViT-H/2", 63.5, "U-ViT baseline"), ("DiT-XL/2", 71.0, "+ adaLN-Zero"),
+                    ("DiMR-XL/2R", 29.2, "+ multi-scale loss (= DiMR-S/2R)")]
+
+# One rule for every sentence that says two rows differ: Welch's t-test over the seeds.
+SIGNIFICANT, MARGINAL = 0.05, 0.10
+RULE = ("two rows differ when Welch's t-test over their seeds (two-sided, "
+        "scipy.stats.ttest_ind(equal_var=False)) gives p < 0.05; 0.05 <= p < 0.10 is marginal; "
+        "otherwise no difference is shown")
+LOWER_IS_BETTER = {"fid": True, "accuracy": False, "low_confidence": True, "loss": True}
+COMPARISONS = [  # (what changes, from this row, to this row)
+    ("adaLN-Zero for LN + time token", "U-ViT baseline", "+ adaLN-Zero"),
+    ("TD-LN for adaLN-Zero, one branch", "+ adaLN-Zero", "TD-LN, one branch"),
+    ("multi-branch, with adaLN-Zero", "+ adaLN-Zero", "adaLN-Zero + multi-branch"),
+    ("multi-branch, with TD-LN", "TD-LN, one branch", "TD-LN + multi-branch"),
+    ("TD-LN for adaLN-Zero, multi-branch", "adaLN-Zero + multi-branch", "TD-LN + multi-branch"),
+    ("GLU for the GELU MLP", "TD-LN + multi-branch", "+ GLU"),
+    ("the multi-scale loss", "+ GLU", "+ multi-scale loss (= DiMR-S/2R)"),
+    ("all of DiMR-S/2R against U-ViT", "U-ViT baseline", "+ multi-scale loss (= DiMR-S/2R)"),
+    ("all of DiMR-S/2R against adaLN-Zero", "+ adaLN-Zero", "+ multi-scale loss (= DiMR-S/2R)"),
+]
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # provenance.record's "started"
 
 
 def slug(name):
@@ -123,6 +150,82 @@ def mean_and_spread(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def summary(results):
+    """Per row and metric: [mean, standard deviation, seeds]."""
+    return {name: {key: [*mean_and_spread([r[key] for r in runs]), len(runs)]
+                   for key in (*LOWER_IS_BETTER, "mean_confidence")}
+            for name, runs in results.items()}
+
+
+def compare(before, after, lower_is_better):
+    """RULE applied to one metric's seeds of two rows: their means, p and the verdict on `after`."""
+    from scipy.stats import ttest_ind
+    p = None
+    if min(len(before), len(after)) > 1 and (np.std(before) > 0 or np.std(after) > 0):
+        p = float(ttest_ind(after, before, equal_var=False).pvalue)
+    better = (statistics.mean(after) < statistics.mean(before)) == lower_is_better
+    verdict = "no difference shown"
+    if p is not None and p < MARGINAL:
+        verdict = ("" if p < SIGNIFICANT else "marginally ") + ("better" if better else "worse")
+    return {"from": statistics.mean(before), "to": statistics.mean(after), "p": p,
+            "verdict": verdict}
+
+
+def comparisons(results):
+    """Every comparison of COMPARISONS whose rows are both there, on every metric."""
+    return [{"change": change, "from": a, "to": b,
+             **{key: compare([r[key] for r in results[a]], [r[key] for r in results[b]], lower)
+                for key, lower in LOWER_IS_BETTER.items()}}
+            for change, a, b in COMPARISONS if a in results and b in results]
+
+
+def real_digits_control(out):
+    """The distortion measure on the real digits themselves (cross-validated, so scored by a
+    classifier that did not see them), computed once into out/real_digits.json."""
+    path = out / "real_digits.json"
+    if not path.is_file():
+        confidence, fold = digits.real_digits_confidence()
+        picks = np.argsort(confidence, kind="stable")[:PICKS]
+        low = confidence < LOW_CONFIDENCE
+        record = {"digits": len(confidence), "folds": int(fold.max()) + 1,
+                  "low_confidence": float(low.mean()),
+                  "low_confidence_by_fold": [float(low[fold == k].mean())
+                                             for k in range(fold.max() + 1)],
+                  "mean_confidence": float(confidence.mean()), "picks": picks.tolist(),
+                  "pick_confidences": confidence[picks].tolist()}
+        checkpoints.write_text(path, json.dumps(record, indent=1) + "\n")
+    return json.loads(path.read_text())
+
+
+def cost(results, calls):
+    """What the runs cost: the per-run wall times, and the invocations that trained them (their
+    own provenance records, out/calls/) from the first start to the last finish."""
+    runs = [r for rs in results.values() for r in rs]
+    calls = sorted((c for c in calls if c.get("trained")), key=lambda c: c["started"])
+    starts = [time.mktime(time.strptime(c["started"], TIME_FORMAT)) for c in calls]
+    ends = [s + c["wall_seconds"] for s, c in zip(starts, calls)]
+    per_run = {key: [r[key] for r in runs] for key in ("train_wall_seconds", "eval_wall_seconds")}
+    return {"runs": len(runs), "invocations": calls,
+            **{f"{key}_sum": round(sum(v), 1) for key, v in per_run.items()},
+            **{f"{key}_range": [min(v), max(v)] for key, v in per_run.items() if v},
+            "wall_seconds": round(max(ends) - min(starts), 1) if calls else None,
+            "finished": time.strftime(TIME_FORMAT, time.localtime(max(ends))) if calls else None}
+
+
+def recipe(out):
+    """The training settings every run recorded (the first run's config.json)."""
+    found = sorted(out.glob("*/seed*/*/config.json"))
+    cfg = json.loads(found[0].read_text())["train_config"] if found else {}
+    return {k: cfg[k] for k in ("steps", "batch_size", "lr", "warmup", "ema") if k in cfg}
+
+
+def read_calls(out):
+    """The provenance records of the invocations that trained runs in out (out/calls/*.json; a
+    whole table5.json there counts by its this_call)."""
+    return [record.get("this_call", record) for path in sorted((out / "calls").glob("*.json"))
+            for record in [json.loads(path.read_text())]]
+
+
 def table(results):
     """Markdown: each row's mean +- standard deviation over the seeds, beside the paper's."""
     lines = ["| model | FID (paper) | parameters (paper) | FID here | class accuracy | final loss "
@@ -151,7 +254,7 @@ def run(args, argv):
         ref = fid.reference_batch(digits.reference_batch_path(), lambda: inception)
         reference = ref["mu"], ref["sigma"]
     classifier = digits.train_digit_classifier(probability=True)
-    results = {}
+    results, trained_here = {}, []
     for name, arch, multiscale, _, _ in ROWS[:args.rows]:
         for seed in args.seeds:
             root = out / slug(name) / f"seed{seed}"
@@ -168,12 +271,21 @@ def run(args, argv):
                           "eval_wall_seconds": round(time.time() - trained, 1),
                           "train_seconds_logged": round(train_seconds(read_stats(run_dir)), 1)}
                 checkpoints.write_text(done, json.dumps(result, indent=1) + "\n")
+                trained_here.append(f"{slug(name)}/seed{seed}")
             results.setdefault(name, []).append(json.loads(done.read_text()))
+    this_call = provenance.record("python -m tools.table5", argv, start)
+    if trained_here:  # this call's record, for the cost of the runs it trained
+        checkpoints.write_text(out / "calls" / f"{this_call['started'].replace(' ', 'T')}.json",
+                               json.dumps({**this_call, "trained": trained_here}, indent=1) + "\n")
     record = {"samples": args.samples, "sampler_steps": SAMPLER_STEPS, "guidance": 0.0,
               "fid_reference": args.fid_ref or "the 1,797 real digits",
               "train_steps": args.steps, "low_confidence_threshold": LOW_CONFIDENCE,
-              "results": results,
-              "this_call": provenance.record("python -m tools.table5", argv, start)}
+              "paper": {name: {"fid": f, "parameters_m": m} for name, _, _, f, m in ROWS},
+              "paper_distortion": PAPER_DISTORTION, "rule": RULE, "recipe": recipe(out),
+              "rule_levels": {"significant": SIGNIFICANT, "marginal": MARGINAL},
+              "summary": summary(results), "comparisons": comparisons(results),
+              "real_digits": real_digits_control(out), "cost": cost(results, read_calls(out)),
+              "results": results, "this_call": this_call}
     checkpoints.write_text(out / "table5.json", json.dumps(record, indent=1) + "\n")
     if args.json:
         checkpoints.write_text(args.json, json.dumps(record, indent=1) + "\n")
