@@ -23,7 +23,6 @@ the classes, each labelled with its class id), images/000000.png ... (one per im
 with arr_0 uint8 [N, H, W, 3] (the ADM evaluation suite's layout) and labels int64 [N].
 """
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np

@@ -14,7 +14,6 @@ def release_state_dict(in_ch, num_classes, patch, grid, blocks, widths, dtype=to
 
     TD parameters get p0 != p1 and non-zero slope/offset so time dependence is exercised."""
     shapes = {}
-    R = len(widths)
     for r, (D, n) in enumerate(zip(widths, blocks)):
         s, p = f"stages.{r}", patch // 2 ** r
         shapes[f"{s}.input_layer.1.weight"] = (D, in_ch, p, p)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from support import data, digits
+from support import data
 from tools import imagenet64
 from util import free_port
 

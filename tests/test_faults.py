@@ -24,7 +24,7 @@ import train
 from support import checkpoints, data
 from support.run_folder import RunFolder, read_stats
 from tools import check_images
-from util import free_port
+from util import free_port, mount_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "depths=2,2", "widths=32,16", "num_heads=2"]
@@ -166,18 +166,10 @@ def test_a_failed_stats_line_is_taken_back(tmp_path, monkeypatch):
     assert folder.stats_path.read_bytes() == before
 
 
-def mount_tmpfs(path, size):
-    path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here to fill ({result.stderr.strip()[:100]}); "
-                    "test_a_failed_write_... covers the same path with an injected ENOSPC")
-
-
 def test_a_full_disk_during_training_names_the_last_good_checkpoint(tmp_path):
     disk = tmp_path / "disk"
-    mount_tmpfs(disk, "2m")  # room for one checkpoint of the tiny model (1.1 MB), not two
+    # room for one checkpoint of the tiny model (1.1 MB), not two
+    mount_tmpfs(disk, "2m", "test_a_failed_write_...")
     try:
         code, stderr, seconds = train_cli(["--results-dir", str(disk), "--steps", "100",
                                            "--log-every", "10", "--ckpt-every", "10"])
@@ -198,7 +190,7 @@ def test_a_checkpoint_larger_than_the_free_space_says_so_in_plain_words(tmp_path
     own RuntimeError ("unexpected pos ..."), which keeps the OSError as its context; the message
     is the OSError's, the directory left empty. (Injected: test_a_full_disk_injected_...)"""
     disk = tmp_path / "disk"
-    mount_tmpfs(disk, "2m")
+    mount_tmpfs(disk, "2m", "test_a_failed_write_...")
     try:
         with pytest.raises(checkpoints.WriteError) as e:
             checkpoints.save({"x": torch.zeros(800_000)}, disk / "ckpt.pt")
@@ -249,7 +241,7 @@ def test_a_disk_that_fills_during_training_says_so_wherever_it_strikes(tmp_path,
     then the grid. Each: one line naming the file, "no space left on device" and the last good
     checkpoint; what was written before is intact, no temporary file is left."""
     disk = tmp_path / "disk"
-    mount_tmpfs(disk, "2m")
+    mount_tmpfs(disk, "2m", "test_a_failed_write_...")
     run = disk / "000-DiMR-S-2R"
     ckpt_5 = run / "checkpoints" / "ckpt_0000005.pt"
     try:

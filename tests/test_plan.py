@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ import dimr
 import sample
 import train
 from support import checkpoints, plan as plan_lib
-from util import free_port
+from util import free_port, mount_tmpfs
 
 TINY = ["--arch", "widths=32,16", "depths=2,2", "num_heads=2"]
 QUIET = ["--sample-every", "0", "--eval-images", "0", "--log-every", "1", "--threads", "1"]
@@ -162,20 +161,11 @@ def replace_ns(ns, **changes):
     return SimpleNamespace(**{**vars(ns), **changes})
 
 
-def mount_tmpfs(path, size):
-    path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()[:100]}); "
-                    "test_a_small_disk_... injects the free space instead")
-
-
 def test_a_disk_that_cannot_hold_one_checkpoint_stops_the_run_before_its_first_step(tmp_path,
                                                                                    capsys):
     """A 1 MiB tmpfs and a checkpoint of 1.08 MB: one line with both numbers, nothing written."""
     disk = tmp_path / "disk"
-    mount_tmpfs(disk, "1m")
+    mount_tmpfs(disk, "1m", "test_a_small_disk_...")
     try:
         with pytest.raises(SystemExit) as e:
             train.main([*TINY, *QUIET, "--results-dir", str(disk), "--steps", "1"])
@@ -191,7 +181,7 @@ def test_a_disk_that_cannot_hold_one_checkpoint_stops_the_run_before_its_first_s
 def test_under_torchrun_rank_0_stops_every_process_with_one_line(tmp_path, capsys):
     """2 processes, the 1 MiB tmpfs: rank 0 decides for all; one error line, every process ends."""
     disk = tmp_path / "disk"
-    mount_tmpfs(disk, "1m")
+    mount_tmpfs(disk, "1m", "test_a_small_disk_...")
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -1,7 +1,9 @@
 """Helpers shared by several test files (imported as `from util import ...`: tests/ is on
 sys.path)."""
 import socket
+import subprocess
 
+import pytest
 import torch
 
 
@@ -25,3 +27,15 @@ def gradcheck_module(module, *inputs, pack=lambda *a: a):
         return tuple(out) if isinstance(out, list) else out
 
     return torch.autograd.gradcheck(f, (*inputs, *params), fast_mode=True)
+
+
+def mount_tmpfs(path, size, otherwise):
+    """A real filesystem of `size` (e.g. "2m") at path, to fill; where mounting is not allowed the
+    test is skipped, naming the test (`otherwise`) that covers the same path with an injected
+    error."""
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()[:100]}); {otherwise} "
+                    "injects the error instead")

@@ -17,13 +17,15 @@ sampler's x at n = 1 and the ODE's solution from the same x_T, per number of mod
 """
 import argparse
 import json
+import sys
+import time
 
 import torch
 
 from diffusion import (B_H, DEFAULT_SAMPLER, FEW_STEPS, FEW_STEPS_SAMPLER, METHODS, NUM_TIMESTEPS,
                        ORDERS, RELEASE_SAMPLER, SPACINGS, DiscreteSchedule, guided_eps_fn,
                        ode_sample, sampler_name)
-from support import checkpoints, distributed
+from support import checkpoints, distributed, provenance
 from support.cli import Parser, add_threads_flag, number
 
 # The named rows (--rows): the release's sampler, DPM-Solver++(3S), the UniPC candidates, and the
@@ -125,10 +127,11 @@ def main(argv=None):
     c.add_argument("--reference-steps", type=number(int, 2 * max(ORDERS)), default=1000,
                    help="evaluations of the default sampler for the converged solution")
     args = p.parse_args(argv)
-    distributed.run_main(lambda: run(args))
+    distributed.run_main(lambda: run(args, sys.argv[1:] if argv is None else argv))
 
 
-def run(args):
+def run(args, argv):
+    start = time.time()
     distributed.set_threads(args.threads)
     every = [dict(method=m, order=o, spacing=spacing, bh=bh, lower_order_final=False)
              for m in METHODS for o in ORDERS for spacing in SPACINGS
@@ -155,6 +158,7 @@ def run(args):
         print(f"reference: default sampler at {args.reference_steps} evaluations; RMS change "
               f"from {args.reference_steps // 2}: {record['reference_change']:.1e}")
     record["errors"] = table(rows, args.evals, eps_fn, x_T, solution)
+    record["this_call"] = provenance.record("python -m tools.sampler_error", argv, start)
     if args.json:
         checkpoints.write_text(args.json, json.dumps(record, indent=1) + "\n")
 
