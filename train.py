@@ -443,21 +443,22 @@ def ignore_signals(worker_id):
 # ----------------------------------------------------------------------------------------------
 # Samples: grids and FID
 
-def grid_labels(num_classes):
-    """The sample grids' classes: DiT's eight, 4 each, for ImageNet; else the first ten, 10 each."""
+def grid_layout(num_classes):
+    """The sample grids' classes and columns, one class per row: DiT's eight, 4 each, for
+    ImageNet; else the first ten, 10 each."""
     if num_classes == data_lib.IMAGENET_CLASSES:
-        return np.repeat(np.array(IMAGENET_GRID), 4)
-    return np.repeat(np.arange(min(num_classes, 10)), 10)
+        return np.repeat(np.array(IMAGENET_GRID), 4), 4
+    return np.repeat(np.arange(min(num_classes, 10)), 10), 10
 
 
 def sample_grid(run, path):
     """EMA samples of the grid's classes from seeds 0..N-1, saved as a labelled grid."""
     ema = run.state.ema
-    labels = grid_labels(ema.config.num_classes)
+    labels, ncol = grid_layout(ema.config.num_classes)
     x = sample.generate(ema, labels, range(len(labels)), steps=run.cfg.sample_steps,
                         guidance=run.guidance, batch_size=len(labels), device=run.device)
     images = sample.decode_to_uint8(x.to(run.device), ema.config, run.vae)
-    save_grid(images, labels, path, ncol=int(np.sum(labels == labels[0])))
+    save_grid(images, labels, path, ncol=ncol)
 
 
 def compute_fid(ema, cfg, inception, ref, device, vae):
@@ -560,10 +561,10 @@ def setup(cfg, ckpt, ckpt_path):
 def plan(state, cfg, model_config, world_size, run_dir=None):
     """support/plan.py's lines, error and warning for this state on `world_size` processes, at
     the run folder (None: a new one under --results-dir)."""
-    labels = grid_labels(model_config.num_classes)
+    labels, ncol = grid_layout(model_config.num_classes)
     side = model_config.input_size * (vae_lib.DOWNSAMPLE if vae_lib.is_latent(model_config) else 1)
     grids = ((-(-cfg.steps // cfg.sample_every), plan_lib.grid_bytes(
-        labels, side, int(np.sum(labels == labels[0])))) if cfg.sample_every else (0, 0))
+        labels, side, ncol)) if cfg.sample_every else (0, 0))
     ckpt = {**checkpoint_of(model_config, cfg, state), "step": cfg.steps}  # the largest step
     if ckpt["scaler"]:  # fp16: the largest count of the GradScaler, too
         ckpt["scaler"] = {**ckpt["scaler"], "_growth_tracker": ckpt["scaler"]["growth_interval"]}

@@ -61,10 +61,7 @@ def save(fig, path):
 
 
 def last_checkpoint(run_dir):
-    found = sorted((Path(run_dir) / "checkpoints").glob("ckpt_*.pt"))
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoints/ckpt_*.pt")
-    return checkpoints.load_model(found[-1])[0]
+    return checkpoints.load_model(checkpoint_path(run_dir))[0]
 
 
 def run_stats(run_dir):

@@ -136,12 +136,18 @@ def evaluate(run_dir, num_samples, reference, inception, confidence_classifier):
     features = fid.inception_features(images, inception, label=f"table5: {run_dir}")
     last = [s for s in read_stats(run_dir) if "loss" in s][-1]
     confidence = digits.class_confidence(images, labels, confidence_classifier)
-    picks = np.argsort(confidence, kind="stable")[:PICKS]
     return {"fid": fid.frechet_distance(*fid.feature_statistics(features), *reference),
             "accuracy": digits.digit_class_accuracy(images, labels)["accuracy"],
             "loss": last["loss_branches"][-1],
             "parameters": sum(v.numel() for v in model.state_dict().values()),
-            "low_confidence": float(np.mean(confidence < LOW_CONFIDENCE)),
+            **distortion(confidence)}
+
+
+def distortion(confidence):
+    """The share of samples below LOW_CONFIDENCE, the mean confidence, and the PICKS least
+    trusted samples with their confidences."""
+    picks = np.argsort(confidence, kind="stable")[:PICKS]
+    return {"low_confidence": float(np.mean(confidence < LOW_CONFIDENCE)),
             "mean_confidence": float(np.mean(confidence)),
             "picks": picks.tolist(), "pick_confidences": confidence[picks].tolist()}
 
@@ -185,14 +191,11 @@ def real_digits_control(out):
     path = out / "real_digits.json"
     if not path.is_file():
         confidence, fold = digits.real_digits_confidence()
-        picks = np.argsort(confidence, kind="stable")[:PICKS]
         low = confidence < LOW_CONFIDENCE
         record = {"digits": len(confidence), "folds": int(fold.max()) + 1,
-                  "low_confidence": float(low.mean()),
+                  **distortion(confidence),
                   "low_confidence_by_fold": [float(low[fold == k].mean())
-                                             for k in range(fold.max() + 1)],
-                  "mean_confidence": float(confidence.mean()), "picks": picks.tolist(),
-                  "pick_confidences": confidence[picks].tolist()}
+                                             for k in range(fold.max() + 1)]}
         checkpoints.write_text(path, json.dumps(record, indent=1) + "\n")
     return json.loads(path.read_text())
 
